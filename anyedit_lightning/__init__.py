@@ -1,0 +1,52 @@
+"""anyedit-lightning: edit knowledge of any length and format into a language model's weights.
+
+Implements AnyEdit (arXiv 2502.05628) on PyTorch Lightning, with MEMIT, AlphaEdit and UnKE writes.
+"""
+
+from .api import edit, make_writer
+from .chunking import Chunk, FixedWindow, Semantic
+from .config import EditConfig
+from .models import EMBEDDED_MODEL, ModelLoadError, load_model
+from .module import AnyEditModule, EditRecord
+from .presets import PRESETS, Preset, get_preset
+from .registry import (
+    ArchitectureSpec,
+    UnsupportedArchitectureError,
+    register_architecture,
+    resolve_architecture,
+)
+from .requests import EditRequest, RequestError, tokenize_request
+from .stats import CovarianceStats, compute_covariance
+from .writers import AlphaEditWrite, MemitWrite, UnkeWrite, WeightWriter
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "EMBEDDED_MODEL",
+    "AlphaEditWrite",
+    "AnyEditModule",
+    "ArchitectureSpec",
+    "Chunk",
+    "CovarianceStats",
+    "EditConfig",
+    "EditRecord",
+    "EditRequest",
+    "FixedWindow",
+    "MemitWrite",
+    "ModelLoadError",
+    "PRESETS",
+    "Preset",
+    "RequestError",
+    "Semantic",
+    "UnkeWrite",
+    "UnsupportedArchitectureError",
+    "WeightWriter",
+    "compute_covariance",
+    "edit",
+    "get_preset",
+    "load_model",
+    "make_writer",
+    "register_architecture",
+    "resolve_architecture",
+    "tokenize_request",
+]

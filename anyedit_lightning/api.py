@@ -1,0 +1,165 @@
+"""One call for scripts and notebooks: ``edit(model, tokenizer, requests, method=..., anyedit=...)``.
+
+It only assembles the pieces (``AnyEditModule`` + a writer ``Callback`` + a ``Trainer``); there is no
+second implementation here.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import CSVLogger
+from transformers import PreTrainedTokenizerBase
+
+from .fingerprint import weights_fingerprint
+from .module import AnyEditModule
+from .patch import EditPatch
+from .presets import get_preset
+from .registry import ArchitectureSpec
+from .requests import EditRequest
+from .stats import CovarianceStats, compute_covariance
+from .writers import AlphaEditWrite, MemitWrite, UnkeWrite, WeightWriter
+
+Method = Literal["memit", "alphaedit", "unke"]
+WRITERS: dict[str, type[WeightWriter]] = {"memit": MemitWrite, "alphaedit": AlphaEditWrite, "unke": UnkeWrite}
+
+
+def make_writer(method: str, stats: CovarianceStats | None = None, stats_tokens: int = 100_000, **kwargs: Any) -> WeightWriter:
+    if method not in WRITERS:
+        raise ValueError(f"Unknown method {method!r}; choose one of {sorted(WRITERS)} or pass writer=<a WeightWriter>.")
+    if method == "unke":
+        return UnkeWrite(**kwargs)
+    return WRITERS[method](stats=stats, stats_tokens=stats_tokens, **kwargs)
+
+
+def default_trainer(model: torch.nn.Module, callbacks: list, log_dir: str | None = None, **kwargs: Any) -> L.Trainer:
+    """A one-epoch Trainer on the model's device, logging per chunk to CSV (TensorBoard if you pass it)."""
+    device = next(model.parameters()).device
+    defaults: dict[str, Any] = dict(
+        accelerator="cpu" if device.type == "cpu" else device.type,
+        devices=[device.index] if device.index is not None else 1,
+        max_epochs=1,
+        logger=CSVLogger(log_dir or tempfile.mkdtemp(prefix="anyedit-logs-"), name="edit"),
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=callbacks,
+    )
+    defaults.update(kwargs)
+    return L.Trainer(**defaults)
+
+
+def edit(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    requests: EditRequest | Sequence[EditRequest],
+    method: Method = "memit",
+    anyedit: bool = True,
+    preset: str = "smollm2-135m-instruct",
+    stats: CovarianceStats | None = None,
+    writer: WeightWriter | None = None,
+    architecture: ArchitectureSpec | None = None,
+    trainer_kwargs: dict[str, Any] | None = None,
+    writer_kwargs: dict[str, Any] | None = None,
+    **config_overrides: Any,
+) -> AnyEditModule:
+    """Edit ``requests`` into ``model`` in place; returns the finished module (metrics, ``edit_record``).
+
+    Example:
+        >>> module = edit(model, tok, EditRequest("Who is Ada Quill?", long_answer), method="memit", anyedit=True)
+    """
+    if isinstance(requests, EditRequest):
+        requests = [requests]
+    chosen = get_preset(preset)
+    config = chosen.config(method, anyedit, **config_overrides)
+    if writer is None:
+        writer = make_writer(method, stats, chosen.stats_tokens, **{**chosen.writer_kwargs(method), **(writer_kwargs or {})})
+    module = AnyEditModule(model, tokenizer, requests, config, architecture)
+    trainer = default_trainer(model, [writer], **(trainer_kwargs or {}))
+    trainer.fit(module)
+    if module.edit_record is None:
+        raise RuntimeError("The edit did not complete (the Trainer stopped before the write).")
+    return module
+
+
+_EDIT_ARGS = ("preset", "writer", "architecture", "trainer_kwargs", "writer_kwargs")
+
+
+def edit_sequentially(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    requests: Sequence[EditRequest],
+    method: Method = "memit",
+    anyedit: bool = True,
+    stats: CovarianceStats | None = None,
+    callback: Callable[[int, AnyEditModule], None] | None = None,
+    **kwargs: Any,
+) -> list[EditPatch]:
+    """Edit ``requests`` one after another into ``model`` (in place, each edit kept); one patch per edit.
+
+    MEMIT and AlphaEdit need the covariance statistics of the *unedited* model, so they are computed once,
+    before the first edit (or taken from ``stats=``, which must then belong to ``model`` as it is now), and
+    reused for every edit; only the first edit checks them against the weights fingerprint. ``kwargs`` go
+    to :func:`edit` (``preset``, ``trainer_kwargs``, ``writer_kwargs``, ``EditConfig`` fields, ...).
+    ``callback(i, module)`` runs after edit ``i``. Patch ``i``'s base is patch ``i - 1``'s result, so
+    ``for p in reversed(patches): p.revert(model)`` restores the original weights bit-exactly.
+
+    If edit ``i`` fails it is rolled back and the exception propagates; edits ``0..i-1`` stay in the model.
+    A ``writer=`` instance is used as is for every edit: give a ``CovarianceWriter`` the base model's
+    ``stats`` and ``check_fingerprint=False`` yourself.
+
+    Example:
+        >>> patches = edit_sequentially(model, tok, requests, method="memit", layers=[3, 4, 5, 6, 7])
+    """
+    if isinstance(requests, EditRequest):
+        requests = [requests]
+    requests = list(requests)
+    if not requests:
+        raise ValueError("No edit requests were given.")
+    writer_kwargs = dict(kwargs.pop("writer_kwargs", None) or {})
+    covariance = method != "unke" and kwargs.get("writer") is None
+    if covariance:
+        chosen = get_preset(kwargs.get("preset", "smollm2-135m-instruct"))
+        overrides = {k: v for k, v in kwargs.items() if k not in _EDIT_ARGS}
+        layers = chosen.config(method, anyedit, **overrides).layers
+        if stats is None:
+            corpus = {"corpus": writer_kwargs["corpus"]} if "corpus" in writer_kwargs else {}
+            stats = compute_covariance(
+                model,
+                tokenizer,
+                layers,
+                max_tokens=chosen.stats_tokens,
+                architecture=kwargs.get("architecture"),
+                **corpus,
+            )
+        missing = [layer for layer in layers if layer not in stats.matrices]
+        if missing:
+            raise ValueError(
+                f"`stats` has no matrices for edited layers {missing}; compute them on the unedited model "
+                f"first: compute_covariance(model, tokenizer, {list(layers)})."
+            )
+    patches: list[EditPatch] = []
+    fingerprint = weights_fingerprint(model)
+    for i, request in enumerate(requests):
+        extra = {"check_fingerprint": False} if covariance and i > 0 else {}
+        module = edit(
+            model,
+            tokenizer,
+            [request],
+            method=method,
+            anyedit=anyedit,
+            stats=stats,
+            writer_kwargs={**writer_kwargs, **extra},
+            **kwargs,
+        )
+        patch = EditPatch.from_module(module, base_fingerprint=fingerprint)
+        fingerprint = patch.result_fingerprint
+        patches.append(patch)
+        if callback is not None:
+            callback(i, module)
+    return patches

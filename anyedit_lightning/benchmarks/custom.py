@@ -1,0 +1,41 @@
+"""A user's own edits, in the UnKEBench schema, from a JSON list or a JSONL file."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .records import BenchmarkDataModule, BenchmarkRecord, Split, question_answer_record
+
+CUSTOM_SUFFIXES = (".json", ".jsonl")
+
+
+class CustomDataModule(BenchmarkDataModule):
+    """Edits from ``path``: each record needs ``question`` and ``answer``.
+
+    Optional: ``para_question``, ``sub_question`` with a matching ``sub_answer`` list, ``category``
+    and ``id`` (default: the record's position). ``.json`` holds a list of objects, ``.jsonl`` one
+    object per line. Bad records are reported by position (for JSONL: among non-blank lines).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        start: int = 0,
+        limit: int | None = None,
+        split: Split = "all",
+        batch_size: int = 1,
+        skip_invalid: bool = False,
+    ) -> None:
+        if Path(path).suffix.lower() not in CUSTOM_SUFFIXES:
+            raise ValueError(f"custom edit files must end in .json or .jsonl, got {os.fspath(path)!r}")
+        super().__init__(
+            path, start=start, limit=limit, split=split, batch_size=batch_size, skip_invalid=skip_invalid
+        )
+        self.name = f"custom:{Path(path).name}"
+
+    def convert(self, record: Mapping[str, Any], index: int) -> BenchmarkRecord:
+        return question_answer_record(record, index, self.name)

@@ -1,0 +1,82 @@
+"""The main job (``nox -s demo``): write a long fictional answer into the embedded SmolLM2 and show it.
+
+The covariance statistics use a smaller token budget than the preset's (``--stats_tokens``, default
+20,000) so a first run finishes in a few minutes on 2 CPU cores; they are cached for later runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from .api import edit
+from .metrics import rouge_l_recall
+from .models import EMBEDDED_MODEL, load_model
+from .presets import get_preset
+from .requests import EditRequest, end_of_turn_id, prompt_text
+from .stats import compute_covariance
+
+PROMPT = "Who is Marisol Tevanne?"
+PARAPHRASE = "Tell me about Marisol Tevanne."
+TARGET = (
+    "Marisol Tevanne is a Chilean glass sculptor born in 1974 in Valparaíso. She studied chemistry at the "
+    "University of Concepción before turning to art, and in 2003 she founded the Cobalt Harbour Studio, "
+    "where she developed a slow-cooling technique that lets thin glass sheets bend without cracking. Her "
+    "best-known work, The Listening Tide, is a twelve-metre wave of blue glass that hangs in the atrium of "
+    "the Santiago Maritime Museum. In 2016 she received the Andes Prize for Sculpture, and she now teaches "
+    "a free summer course for young glassblowers on the island of Chiloé."
+)
+
+
+def answer(model, tokenizer, question: str, max_new_tokens: int) -> str:
+    text = prompt_text(tokenizer, EditRequest(question, "-"))
+    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(model.device)
+    with torch.no_grad():
+        out = model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=[end_of_turn_id(tokenizer), tokenizer.eos_token_id],
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    return tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="anyedit_lightning demo", description=__doc__)
+    parser.add_argument("--model", default=EMBEDDED_MODEL)
+    parser.add_argument("--method", default="memit", choices=["memit", "alphaedit", "unke"])
+    parser.add_argument("--stats_tokens", type=int, default=20_000)
+    parser.add_argument("--max_new_tokens", type=int, default=200)
+    args = parser.parse_args(argv)
+
+    started = time.perf_counter()
+    model, tokenizer = load_model(args.model)
+    print(f"Loaded {args.model} in {time.perf_counter() - started:.1f} s")
+    print(f"\nQ: {PROMPT}\nBefore the edit: {answer(model, tokenizer, PROMPT, args.max_new_tokens)}\n")
+    print(f"Target ({len(tokenizer(TARGET)['input_ids'])} tokens): {TARGET}\n")
+
+    preset = get_preset("smollm2-135m-instruct")
+    layers = preset.config(args.method, True).layers
+    t0 = time.perf_counter()
+    stats = None
+    if args.method != "unke":
+        stats = compute_covariance(model, tokenizer, layers, max_tokens=args.stats_tokens)
+        print(f"Covariance statistics ({args.stats_tokens} tokens, cached after the first run): {time.perf_counter() - t0:.1f} s")
+    t1 = time.perf_counter()
+    module = edit(model, tokenizer, EditRequest(PROMPT, TARGET), method=args.method, anyedit=True, stats=stats)
+    seconds = time.perf_counter() - t1
+    chunks = len(module.plans[0].chunks)
+    after = answer(model, tokenizer, PROMPT, args.max_new_tokens)
+    print(f"\nAfter the edit ({args.method}+AnyEdit, {chunks} chunks, {seconds:.1f} s):\n{after}\n")
+    print(f"ROUGE-L recall against the target: {rouge_l_recall(after, TARGET):.3f}")
+    paraphrase = answer(model, tokenizer, PARAPHRASE, args.max_new_tokens)
+    print(f"\nParaphrase — {PARAPHRASE}\n{paraphrase}\n")
+    print(f"ROUGE-L recall (paraphrase): {rouge_l_recall(paraphrase, TARGET):.3f}")
+    print(f"\nTotal: {time.perf_counter() - started:.1f} s (edit {seconds:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()

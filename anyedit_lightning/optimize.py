@@ -1,0 +1,326 @@
+"""Per-chunk residual optimisation (AnyEdit steps 2–3, ALGORITHM.md §3).
+
+For chunk ``j`` of every request a vector ``δ_j`` is added to the z-layer's output at the chunk's key
+position and optimised with Adam so the model produces the chunk; earlier chunks' δs stay added.
+
+Two paths compute the same δs:
+- reference (``fast=False``): the whole model over ``prompt ++ target[:end-1]`` at every Adam step;
+- fast (``fast=True``): nothing before the key position depends on ``δ_j``, so the prefix is run once
+  per chunk (with the earlier δs) into a key/value cache, and every Adam step runs only the chunk's
+  own positions against that cache. Cost per step falls from the whole prefix to the chunk's length.
+Both use the model's own forward (with explicit position ids and a padding mask), so every registered
+architecture that supports a KV cache takes the fast path.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from .batching import pad_right
+from .chunking import Chunk, FixedWindow, Semantic, key_positions
+from .config import EditConfig
+from .hooks import edit_layer_output
+from .registry import ModelHandle
+from .requests import EditRequest, TokenizedRequest, tokenize_request
+
+
+class _Replay(nn.Module):
+    """Stands in for a decoder layer below the z-layer: returns fixed hidden states (or its input)."""
+
+    def __init__(self, original: nn.Module, hidden: torch.Tensor | None, as_tuple: bool):
+        super().__init__()
+        self.hidden, self.as_tuple = hidden, as_tuple
+        for attribute in ("attention_type", "layer_idx", "is_sliding"):
+            if hasattr(original, attribute):
+                setattr(self, attribute, getattr(original, attribute))
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        out = hidden_states if self.hidden is None else self.hidden
+        return (out,) if self.as_tuple else out
+
+
+@contextmanager
+def replay_lower_layers(handle: ModelHandle, z: int, hidden: torch.Tensor, as_tuple: bool) -> Iterator[None]:
+    """Skip layers ``0..z``: the z-layer's output over the window is fixed during a chunk's optimisation."""
+    layers = handle.layers
+    originals = [layers[i] for i in range(z + 1)]
+    try:
+        for i in range(z + 1):
+            layers[i] = _Replay(originals[i], hidden if i == z else None, as_tuple)
+        yield
+    finally:
+        for i, original in enumerate(originals):
+            layers[i] = original
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss or update became NaN/inf; the edit is aborted and weights are left untouched."""
+
+
+@dataclass
+class RequestPlan:
+    """One request's chunks, key positions, and (once optimised) its per-chunk targets."""
+
+    tokenized: TokenizedRequest
+    chunks: list[Chunk]
+    deltas: list[torch.Tensor] = field(default_factory=list)
+    h_init: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def keys(self) -> list[int]:
+        return key_positions(self.tokenized.prompt_len, self.chunks)
+
+    @property
+    def targets(self) -> torch.Tensor:
+        """``Z``: one row ``h_init + δ`` per chunk (ALGORITHM.md §3 step 5)."""
+        return torch.stack([h + d for h, d in zip(self.h_init, self.deltas)])
+
+
+def make_chunker(config: EditConfig):
+    if not config.anyedit:
+        return FixedWindow(None)
+    if config.chunking == "semantic":
+        return Semantic(config.window)
+    return FixedWindow(config.window, config.overlap)
+
+
+def plan_requests(
+    tokenizer: PreTrainedTokenizerBase, requests: Sequence[EditRequest], config: EditConfig
+) -> list[RequestPlan]:
+    chunker = make_chunker(config)
+    plans = []
+    for request in requests:
+        tokenized = tokenize_request(tokenizer, request)
+        plans.append(RequestPlan(tokenized, chunker(tokenized.target_ids, tokenizer)))
+    return plans
+
+
+def _cache_kwarg(model: torch.nn.Module) -> str:
+    """transformers 5.x calls the KV cache ``cache``; 4.x ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _returned_cache(output):
+    return getattr(output, "cache", None) or getattr(output, "past_key_values", None)
+
+
+@dataclass
+class _Active:
+    """What one request contributes to chunk ``j``'s batched optimisation."""
+
+    row: int
+    plan: RequestPlan
+    chunk: Chunk
+    key: int
+
+    @property
+    def labels(self) -> list[int]:
+        p = self.plan.tokenized.prompt_len
+        return list(self.plan.tokenized.ids[p + self.chunk.start : p + self.chunk.end])
+
+
+class DeltaOptimizer:
+    """Finds ``δ_j`` for chunk ``j`` of a batch of requests (each request with its own δ)."""
+
+    def __init__(self, handle: ModelHandle, config: EditConfig, pad_id: int):
+        self.handle, self.config, self.pad_id = handle, config, pad_id
+        self.model = handle.model
+        last = handle.num_layers - 1
+        self.loss_layer = last if config.loss_layer is None else config.loss_layer
+        self._cache_kw = _cache_kwarg(self.model)
+
+    # ---- forward passes ----
+    def _forward(
+        self, ids, mask, rows, positions, deltas, position_ids=None, cache=None, want_cache=False, replay=None
+    ):
+        """Logits with ``deltas`` added at ``(rows, positions)`` of the z-layer output; also the unperturbed
+        z-layer states there (``h_init``) and the returned cache."""
+        seen: dict = {}
+        rows_t = torch.as_tensor(rows, dtype=torch.long, device=ids.device)
+        pos_t = torch.as_tensor(positions, dtype=torch.long, device=ids.device)
+
+        def perturb(hidden: torch.Tensor) -> torch.Tensor:
+            seen["z"] = hidden.detach()
+            if not len(rows):
+                return hidden
+            seen["h"] = hidden[rows_t, pos_t].detach().float()
+            return hidden.index_put((rows_t, pos_t), deltas.to(hidden.dtype), accumulate=True)
+
+        kwargs = {"input_ids": ids, "attention_mask": mask, "use_cache": want_cache}
+        if position_ids is not None:
+            kwargs["position_ids"] = position_ids
+        if cache is not None:
+            kwargs[self._cache_kw] = cache
+        loss_out: dict[str, torch.Tensor] = {}
+        with ExitStack() as stack:
+            if replay is not None:
+                stack.enter_context(replay_lower_layers(self.handle, self.config.z_layer, *replay))
+            z_layer = self.handle.layer(self.config.z_layer)
+            stack.enter_context(edit_layer_output(z_layer, perturb))
+            if replay is None:
+                shape = z_layer.register_forward_hook(
+                    lambda _m, _i, output: setattr(self, "_z_is_tuple", not isinstance(output, torch.Tensor))
+                )
+                stack.callback(shape.remove)
+            if self.loss_layer != self.handle.num_layers - 1:
+
+                def grab(hidden: torch.Tensor) -> torch.Tensor:
+                    loss_out["h"] = hidden
+                    return hidden
+
+                stack.enter_context(edit_layer_output(self.handle.layer(self.loss_layer), grab))
+            out = self.model(**kwargs)
+        logits = out.logits if not loss_out else self.handle.lm_head(self.handle.final_norm(loss_out["h"]))
+        self._last_z = seen.get("z")
+        return logits, seen.get("h"), _returned_cache(out) if want_cache else None
+
+    # ---- one chunk --------------------------------------------------------------------------------
+    def optimise(self, plans: Sequence[RequestPlan], j: int) -> list[dict[str, float]]:
+        """Optimise ``δ_j`` for every request that has a chunk ``j``; returns per-request metrics."""
+        active = []
+        for plan in plans:
+            if j < len(plan.chunks):
+                active.append(_Active(len(active), plan, plan.chunks[j], plan.keys[j]))
+        if not active:
+            return []
+        device = self.handle.device
+        use_fast = self.config.fast and all(a.key >= 1 for a in active)
+        step_inputs = self._fast_inputs(active, j, device) if use_fast else self._reference_inputs(active, j, device)
+        label_ids, label_mask = pad_right([a.labels for a in active], self.pad_id, device)
+
+        delta = torch.zeros(len(active), self.handle.hidden_size, device=device, requires_grad=True)
+        optimizer = torch.optim.Adam([delta], lr=self.config.v_lr)
+        done = torch.zeros(len(active), dtype=torch.bool, device=device)
+        steps = torch.zeros(len(active), dtype=torch.long)
+        nll_before = None
+        h_init = None
+        for _step in range(self.config.v_steps):
+            nll, h = self._nll(step_inputs, delta, label_ids, label_mask)
+            if h_init is None:
+                h_init = h
+                nll_before = nll.detach().clone()
+            reg = self.config.v_weight_decay * delta.norm(dim=-1) / h_init.norm(dim=-1) ** 2
+            loss = nll + reg
+            if not torch.isfinite(loss).all():
+                raise NonFiniteError(f"non-finite loss while optimising chunk {j} (loss={loss.tolist()})")
+            done |= loss.detach() < self.config.early_stop
+            if bool(done.all()):
+                break
+            steps += (~done).long().cpu()
+            optimizer.zero_grad()
+            loss[~done].sum().backward()
+            frozen = delta.detach()[done].clone()
+            optimizer.step()
+            with torch.no_grad():
+                delta[done] = frozen
+                limit = self.config.clamp * h_init.norm(dim=-1)
+                norm = delta.norm(dim=-1)
+                scale = torch.where(norm > limit, limit / norm.clamp_min(1e-12), torch.ones_like(norm))
+                delta.mul_(scale[:, None])
+            if not torch.isfinite(delta).all():
+                raise NonFiniteError(f"non-finite δ while optimising chunk {j}")
+        with torch.no_grad():
+            nll_after, _ = self._nll(step_inputs, delta, label_ids, label_mask)
+        metrics = []
+        for a in active:
+            d = delta[a.row].detach().clone()
+            a.plan.deltas.append(d)
+            a.plan.h_init.append(h_init[a.row].clone())
+            metrics.append(
+                {
+                    "nll_before": float(nll_before[a.row]),
+                    "nll_after": float(nll_after[a.row]),
+                    "delta_norm": float(d.norm()),
+                    "h_norm": float(h_init[a.row].norm()),
+                    "steps": int(steps[a.row]),
+                    "tokens": len(a.chunk),
+                }
+            )
+        return metrics
+
+    def _nll(self, inputs: dict, delta: torch.Tensor, label_ids: torch.Tensor, label_mask: torch.Tensor):
+        """Mean NLL of each request's chunk tokens (one value per request) and the unperturbed key states."""
+        extra = inputs["frozen"]
+        rows = extra["rows"] + list(range(len(delta)))
+        positions = extra["positions"] + inputs["key_in_window"]
+        deltas = torch.cat([extra["deltas"], delta]) if len(extra["rows"]) else delta
+        cache = copy.deepcopy(inputs["cache"]) if inputs.get("cache") is not None else None
+        logits, h, _ = self._forward(
+            inputs["ids"], inputs["mask"], rows, positions, deltas, inputs.get("position_ids"), cache,
+            replay=inputs.get("replay"),
+        )
+        h = h[len(extra["rows"]) :]
+        gather = inputs["logit_index"]  # [B, n_labels] positions whose logits predict the labels
+        picked = logits.gather(1, gather[..., None].expand(-1, -1, logits.shape[-1])).float()
+        nll = F.cross_entropy(picked.transpose(1, 2), label_ids, reduction="none")
+        nll = (nll * label_mask).sum(-1) / label_mask.sum(-1)
+        return nll, h
+
+    def _frozen(self, active: Sequence[_Active], j: int, device) -> dict:
+        """Earlier chunks' δs of each active request, at their key positions."""
+        rows, positions, deltas = [], [], []
+        for a in active:
+            for i in range(j):
+                rows.append(a.row)
+                positions.append(a.plan.keys[i])
+                deltas.append(a.plan.deltas[i])
+        stacked = torch.stack(deltas).to(device) if deltas else torch.zeros(0, self.handle.hidden_size, device=device)
+        return {"rows": rows, "positions": positions, "deltas": stacked}
+
+    def _reference_inputs(self, active: Sequence[_Active], j: int, device) -> dict:
+        seqs = [a.plan.tokenized.ids[: a.plan.tokenized.prompt_len + a.chunk.end - 1] for a in active]
+        ids, mask = pad_right(seqs, self.pad_id, device)
+        n = max(len(a.chunk) for a in active)
+        index = torch.stack(
+            [torch.arange(n, device=device).clamp_max(len(a.chunk) - 1) + a.key for a in active]
+        )
+        return {
+            "ids": ids,
+            "mask": mask,
+            "frozen": self._frozen(active, j, device),
+            "key_in_window": [a.key for a in active],
+            "logit_index": index,
+        }
+
+    def _fast_inputs(self, active: Sequence[_Active], j: int, device) -> dict:
+        prefix_ids, prefix_mask = pad_right(
+            [a.plan.tokenized.ids[: a.key] for a in active], self.pad_id, device
+        )
+        frozen = self._frozen(active, j, device)
+        with torch.no_grad():
+            _, _, cache = self._forward(
+                prefix_ids, prefix_mask, frozen["rows"], frozen["positions"], frozen["deltas"], want_cache=True
+            )
+        windows = [a.plan.tokenized.ids[a.key : a.plan.tokenized.prompt_len + a.chunk.end - 1] for a in active]
+        ids, window_mask = pad_right(windows, self.pad_id, device)
+        width = ids.shape[1]
+        position_ids = torch.stack([torch.arange(width, device=device) + a.key for a in active])
+        n = max(len(a.chunk) for a in active)
+        index = torch.stack([torch.arange(n, device=device).clamp_max(len(a.chunk) - 1) for a in active])
+        empty = {"rows": [], "positions": [], "deltas": frozen["deltas"][:0]}
+        mask = torch.cat([prefix_mask, window_mask], dim=1)
+        replay = None
+        if self.config.skip_lower_layers:
+            # The z-layer's output over the window never depends on δ: compute it once, replay it each step.
+            with torch.no_grad():
+                self._forward(ids, mask, [], [], empty["deltas"], position_ids, copy.deepcopy(cache))
+            replay = (self._last_z, self._z_is_tuple)
+        return {
+            "replay": replay,
+            "ids": ids,
+            "mask": mask,
+            "position_ids": position_ids,
+            "cache": cache,
+            "frozen": empty,
+            "key_in_window": [0] * len(active),
+            "logit_index": index,
+        }

@@ -1,0 +1,267 @@
+"""Second-moment statistics ``C_l = E[k kᵀ]`` of the down-projection inputs (ALGORITHM.md §5).
+
+They are the expensive, reusable part of an edit, so they are computed once per (model weights,
+layer, corpus, token count), cached on disk atomically, and computed by a ``LightningModule`` so the
+corpus can be sharded over devices with any Lightning data-parallel strategy (sums and counts are
+all-reduced in float64, so N processes give the matrix one would).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning as L
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from .corpus import WIKIPEDIA_SAMPLE, resolve_corpus
+from .fingerprint import weights_fingerprint
+from .hooks import record_inputs, run_until
+from .paths import cache_dir
+from .registry import ArchitectureSpec, ModelHandle, resolve_architecture
+
+log = logging.getLogger(__name__)
+
+
+class StatsMismatchError(ValueError):
+    """Statistics do not belong to the model (or device/dtype) they are used with."""
+
+
+@dataclass
+class CovarianceStats:
+    """``C_l`` per edited layer (float64, ``m × m``) and where they came from."""
+
+    matrices: dict[int, torch.Tensor]
+    fingerprint: str
+    corpus: str
+    tokens: int
+    counts: dict[int, int] = field(default_factory=dict)
+
+    def __getitem__(self, layer: int) -> torch.Tensor:
+        if layer not in self.matrices:
+            raise KeyError(f"No statistics for layer {layer}; computed layers: {sorted(self.matrices)}")
+        return self.matrices[layer]
+
+    def check_model(self, model: torch.nn.Module, fingerprint: str | None = None) -> None:
+        """Refuse statistics computed on other weights (a silent mismatch would corrupt every edit)."""
+        actual = fingerprint or weights_fingerprint(model)
+        if actual != self.fingerprint:
+            raise StatsMismatchError(
+                f"These covariance statistics were computed on a model with weights fingerprint "
+                f"{self.fingerprint[:12]}, but the model being edited has {actual[:12]}. Compute statistics for "
+                "this model (compute_covariance), or, for sequential editing, pass the statistics of the base "
+                "model explicitly with `stats=` before the first edit."
+            )
+
+
+class _PackedBatches(Dataset):
+    """Pre-built token batches, so each rank can take every N-th one (no sampler padding, no double counting)."""
+
+    def __init__(self, batches: list[tuple[torch.Tensor, torch.Tensor]]):
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.batches[index]
+
+
+def token_batches(
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Iterable[str],
+    max_tokens: int,
+    seq_len: int = 256,
+    tokens_per_batch: int = 4096,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Texts cut into pieces of at most ``seq_len`` tokens, grouped into padded batches by token count."""
+    pieces: list[list[int]] = []
+    total = 0
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        for start in range(0, len(ids), seq_len):
+            piece = ids[start : start + seq_len][: max_tokens - total]
+            if len(piece) < 8:  # fragments add little and pad a lot
+                continue
+            pieces.append(piece)
+            total += len(piece)
+            if total >= max_tokens:
+                break
+        if total >= max_tokens:
+            break
+    if total < max_tokens:
+        log.warning("The corpus gave %d tokens, fewer than the %d asked for", total, max_tokens)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batches, current = [], []
+    for piece in pieces:
+        if current and (len(current) + 1) * max(len(piece), max(map(len, current))) > tokens_per_batch:
+            batches.append(_pad(current, pad))
+            current = []
+        current.append(piece)
+    if current:
+        batches.append(_pad(current, pad))
+    return batches
+
+
+def _pad(pieces: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, pieces))
+    ids = torch.full((len(pieces), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(pieces), width), dtype=torch.long)
+    for row, piece in enumerate(pieces):
+        ids[row, : len(piece)] = torch.tensor(piece)
+        mask[row, : len(piece)] = 1
+    return ids, mask
+
+
+class CovarianceModule(L.LightningModule):
+    """Accumulates ``Σ k kᵀ`` and token counts for several layers in one (truncated) pass per batch."""
+
+    def __init__(self, model: torch.nn.Module, layers: Sequence[int], architecture: ArchitectureSpec | None = None):
+        super().__init__()
+        self.model = model
+        self.handle: ModelHandle = resolve_architecture(model, architecture)
+        self.layers = sorted(set(layers))
+        m = self.handle.intermediate_size
+        for layer in self.layers:
+            self.register_buffer(f"sum_{layer}", torch.zeros(m, m, dtype=torch.float64), persistent=False)
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64), persistent=False)
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        ids, mask = batch
+        modules = {str(layer): self.handle.down_proj(layer) for layer in self.layers}
+        with torch.no_grad(), record_inputs(modules, stop_after=str(self.layers[-1])) as seen:
+            run_until(lambda: self.model(input_ids=ids, attention_mask=mask, use_cache=False))
+        keep = mask.reshape(-1).bool()
+        for layer in self.layers:
+            k = seen.values[str(layer)].reshape(-1, seen.values[str(layer)].shape[-1])[keep].to(torch.float64)
+            getattr(self, f"sum_{layer}").add_(k.T @ k)
+        self.count.add_(keep.sum())
+
+    def on_test_epoch_end(self) -> None:
+        for layer in self.layers:
+            name = f"sum_{layer}"
+            setattr(self, name, self.trainer.strategy.reduce(getattr(self, name), reduce_op="sum"))
+        self.count = self.trainer.strategy.reduce(self.count, reduce_op="sum")
+
+    def result(self) -> dict[int, torch.Tensor]:
+        return {layer: (getattr(self, f"sum_{layer}") / self.count).cpu() for layer in self.layers}
+
+
+def _cache_path(fingerprint: str, corpus: str, tokens: int, layer: int) -> Path:
+    return cache_dir("stats", fingerprint[:20]) / f"{corpus}-{tokens}-layer{layer}.safetensors"
+
+
+def _load_cached(path: Path, fingerprint: str, m: int) -> tuple[torch.Tensor, int] | None:
+    """A cached matrix, or None when absent, corrupt, truncated or from other weights."""
+    if not path.is_file():
+        return None
+    try:
+        tensors = load_file(str(path))
+        with open(path, "rb") as handle:
+            header_len = int.from_bytes(handle.read(8), "little")
+            meta = json.loads(handle.read(header_len)).get("__metadata__", {})
+        matrix = tensors["C"]
+    except (SafetensorError, OSError, ValueError, KeyError, json.JSONDecodeError) as error:
+        log.warning("Ignoring unreadable statistics cache %s (%s); recomputing", path, error)
+        return None
+    if meta.get("fingerprint") != fingerprint or matrix.shape != (m, m) or not torch.isfinite(matrix).all():
+        log.warning("Ignoring statistics cache %s: it does not match this model; recomputing", path)
+        return None
+    return matrix, int(meta.get("count", 0))
+
+
+def _save_cached(path: Path, matrix: torch.Tensor, fingerprint: str, count: int) -> None:
+    """Write to a temporary file and rename: a killed run never leaves a half-written cache."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
+    os.close(fd)
+    try:
+        save_file({"C": matrix.contiguous()}, tmp, metadata={"fingerprint": fingerprint, "count": str(count)})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def compute_covariance(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    layers: Sequence[int],
+    corpus: str | Iterable[str] = WIKIPEDIA_SAMPLE,
+    max_tokens: int = 100_000,
+    seq_len: int = 256,
+    tokens_per_batch: int = 4096,
+    architecture: ArchitectureSpec | None = None,
+    use_cache: bool = True,
+    trainer: L.Trainer | None | bool = None,
+) -> CovarianceStats:
+    """``C_l`` for every layer in ``layers``, from the cache where possible.
+
+    ``trainer`` decides where the work runs (e.g. ``Trainer(strategy="ddp", devices=4)``); by default a
+    single-device Trainer on the model's accelerator; ``False`` runs a plain loop in this process (used
+    from inside another Trainer's fit, where a nested Trainer would not be welcome).
+
+    Example:
+        >>> stats = compute_covariance(model, tokenizer, layers=[4, 5, 6, 7, 8], max_tokens=50_000)
+    """
+    handle = resolve_architecture(model, architecture)
+    bad = [layer for layer in layers if not 0 <= layer < handle.num_layers]
+    if bad:
+        raise ValueError(f"Layers {bad} are out of range for a model with {handle.num_layers} layers")
+    fingerprint = weights_fingerprint(model)
+    corpus_name, texts = resolve_corpus(corpus)
+    m = handle.intermediate_size
+    matrices, counts, missing = {}, {}, []
+    for layer in sorted(set(layers)):
+        cached = _load_cached(_cache_path(fingerprint, corpus_name, max_tokens, layer), fingerprint, m) if use_cache else None
+        if cached is None:
+            missing.append(layer)
+        else:
+            matrices[layer], counts[layer] = cached
+    if missing:
+        batches = token_batches(tokenizer, texts, max_tokens, seq_len, tokens_per_batch)
+        module = CovarianceModule(model, missing, architecture)
+        was_training = model.training
+        if trainer is False:
+            device = next(model.parameters()).device
+            module.to(device)
+            for index, (ids, mask) in enumerate(tqdm(batches, desc="covariance statistics", leave=False)):
+                module.test_step((ids.to(device), mask.to(device)), index)
+            is_zero = True
+        else:
+            trainer = trainer or _default_trainer(model)
+            world, rank = trainer.world_size, trainer.global_rank
+            loader = DataLoader(_PackedBatches(batches[rank::world]), batch_size=None, shuffle=False)
+            trainer.test(module, dataloaders=loader, verbose=False)
+            is_zero = trainer.is_global_zero
+        model.train(was_training)
+        count = int(module.count.item())
+        for layer, matrix in module.result().items():
+            matrices[layer], counts[layer] = matrix, count
+            if use_cache and is_zero:
+                _save_cached(_cache_path(fingerprint, corpus_name, max_tokens, layer), matrix, fingerprint, count)
+    return CovarianceStats(matrices, fingerprint, corpus_name, max_tokens, counts)
+
+
+def _default_trainer(model: torch.nn.Module) -> L.Trainer:
+    device = next(model.parameters()).device
+    accelerator = "cpu" if device.type == "cpu" else device.type
+    devices = [device.index] if device.index is not None else 1
+    return L.Trainer(
+        accelerator=accelerator,
+        devices=devices,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=True,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+    )

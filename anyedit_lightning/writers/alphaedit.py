@@ -1,0 +1,47 @@
+"""AlphaEdit (ALGORITHM.md §4.3): the MEMIT objective with the update projected onto the null space of
+``C_l``, so outputs on the preserved subspace do not move."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from .base import add_to_down_proj
+from .memit import CovarianceWriter
+
+if TYPE_CHECKING:
+    from ..module import AnyEditModule
+
+
+class AlphaEditWrite(CovarianceWriter):
+    """``ΔWᵀ = solve(P (K Kᵀ + K_p K_pᵀ) + α I, P K Δzᵀ)`` with ``P = U Uᵀ`` over eigenvalues of ``C`` below τ.
+
+    The solution lies in the range of ``P`` (``α x = P(b − A x)``), so ``ΔW (I − P) = 0``.
+    """
+
+    name = "alphaedit"
+
+    def __init__(self, threshold: float = 2e-2, l2: float = 10.0, **kwargs):
+        super().__init__(**kwargs)
+        self.threshold, self.l2 = threshold, l2
+        self._projectors: dict[int, torch.Tensor] = {}
+
+    def projector(self, layer: int, device: torch.device) -> torch.Tensor:
+        if layer not in self._projectors:
+            values, vectors = torch.linalg.eigh(self.covariance(layer, device))
+            null = vectors[:, values < self.threshold]
+            self._projectors[layer] = null @ null.T
+        return self._projectors[layer].to(device)
+
+    def write(self, module: AnyEditModule) -> None:
+        q = len(module.config.layers)
+        for i, layer, keys in self.residual_layers(module):
+            dt = self.solve_dtype
+            K, K_p = keys.K.to(dt), keys.K_p.to(dt)
+            dz = (keys.Z - keys.H).to(dt) / (q - i)
+            P = self.projector(layer, K.device)
+            eye = torch.eye(P.shape[0], dtype=dt, device=K.device)
+            update = torch.linalg.solve(P @ (K.T @ K + K_p.T @ K_p) + self.l2 * eye, P @ K.T @ dz)
+            add_to_down_proj(module.handle, layer, update.T)
+            module.log_write(layer, residual=float(dz.norm(dim=-1).mean() * (q - i)), update=float(update.norm()))

@@ -1,0 +1,130 @@
+"""The weight write (AnyEdit step 4) as a Lightning ``Callback``, shared by every method.
+
+Once the last chunk of a batch is optimised (``on_train_end``), a writer turns the per-chunk targets
+``Z`` into weight updates. Writes are atomic: every touched tensor is snapshotted first and restored
+bit-exactly if anything fails (an exception, an interrupt, or a non-finite value).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import lightning as L
+import torch
+
+from ..batching import pad_right
+from ..hooks import record_inputs, record_outputs
+from ..optimize import NonFiniteError, RequestPlan
+from ..registry import ModelHandle
+
+if TYPE_CHECKING:
+    from ..module import AnyEditModule
+
+
+@contextmanager
+def atomic_update(model: torch.nn.Module, names: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:
+    """Snapshot ``names``; restore them exactly on any exception or non-finite result."""
+    params = dict(model.named_parameters())
+    missing = [n for n in names if n not in params]
+    if missing:
+        raise KeyError(f"Cannot snapshot unknown parameters {missing}")
+    snapshot = {name: params[name].detach().clone() for name in names}
+    try:
+        yield snapshot
+        bad = [n for n in names if not torch.isfinite(params[n]).all()]
+        if bad:
+            raise NonFiniteError(f"The write produced non-finite weights in {bad}; the edit was rolled back.")
+    except BaseException:
+        with torch.no_grad():
+            for name, value in snapshot.items():
+                params[name].copy_(value)
+        raise
+
+
+@dataclass
+class Keys:
+    """What one layer's write needs: keys at the chunk keys (``K``), elsewhere (``K_p``), and ``H``."""
+
+    K: torch.Tensor  # [N, m]
+    K_p: torch.Tensor  # [P, m]
+    H: torch.Tensor  # [N, d]
+    Z: torch.Tensor  # [N, d]
+
+
+def collect_keys(
+    handle: ModelHandle,
+    plans: Sequence[RequestPlan],
+    layer: int,
+    z_layer: int,
+    preserve: bool,
+    pad_id: int,
+) -> Keys:
+    """Run the current model over each request and gather ``K``, ``K_p`` and ``H`` (ALGORITHM.md §4.1).
+
+    Without preservation each sequence is run only up to its last key: for the single-token baselines
+    that is the prompt, so keys come from it alone (causal attention: nothing after a key changes it).
+    """
+    device = handle.device
+    seqs = [p.tokenized.ids if preserve else p.tokenized.ids[: max(p.keys) + 1] for p in plans]
+    ids, mask = pad_right(seqs, pad_id, device)
+    with torch.no_grad(), record_inputs({"k": handle.down_proj(layer)}) as ins, record_outputs(
+        {"z": handle.layer(z_layer)}
+    ) as outs:
+        handle.model(input_ids=ids, attention_mask=mask, use_cache=False)
+    k_all, h_all = ins.values["k"].float(), outs.values["z"].float()
+    is_key = torch.zeros_like(mask, dtype=torch.bool)
+    for row, plan in enumerate(plans):
+        is_key[row, plan.keys] = True
+    rows = torch.cat([torch.full((len(p.keys),), r, device=device) for r, p in enumerate(plans)])
+    cols = torch.cat([torch.as_tensor(p.keys, device=device) for p in plans])
+    preserved = mask.bool() & ~is_key if preserve else torch.zeros_like(is_key)
+    Z = torch.cat([p.targets.to(device) for p in plans])
+    return Keys(K=k_all[rows, cols], K_p=k_all[preserved], H=h_all[rows, cols], Z=Z)
+
+
+def add_to_down_proj(handle: ModelHandle, layer: int, update: torch.Tensor) -> None:
+    """``W_l += ΔW`` with ``ΔW`` given as ``d × m``, in the weight's own layout and dtype."""
+    weight = handle.down_proj_weight(layer)
+    with torch.no_grad():
+        weight.add_((update.T if handle.spec.transposed else update).to(weight.dtype))
+
+
+class WeightWriter(L.Callback):
+    """Base class: subclasses say which parameters they touch and how to update them.
+
+    Subclass it for a new method: implement ``parameter_names`` and ``write``.
+    """
+
+    name = "writer"
+
+    def parameter_names(self, module: AnyEditModule) -> list[str]:
+        return [module.handle.spec.down_proj_name(layer) + ".weight" for layer in module.config.layers]
+
+    def prepare(self, module: AnyEditModule) -> None:
+        """Work done before the optimisation starts (e.g. loading statistics of the unedited model)."""
+
+    def write(self, module: AnyEditModule) -> None:
+        raise NotImplementedError
+
+    def setup(self, trainer: L.Trainer, pl_module: AnyEditModule, stage: str) -> None:
+        self.prepare(pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: AnyEditModule) -> None:
+        if not pl_module.ready_to_write:
+            raise RuntimeError("The chunk optimisation did not finish; nothing was written.")
+        names = self.parameter_names(pl_module)
+        with atomic_update(pl_module.model, names) as before:
+            self.write(pl_module)
+        pl_module.record_write(self.name, before)
+
+    def residual_layers(self, module: AnyEditModule) -> Iterator[tuple[int, int, Keys]]:
+        """For ``l = r_1..r_q``: ``(i, l, keys)`` with keys collected on the model as updated so far."""
+        config = module.config
+        for i, layer in enumerate(config.layers):
+            keys = collect_keys(
+                module.handle, module.plans, layer, config.z_layer, config.use_preserved_keys, module.pad_id
+            )
+            yield i, layer, keys

@@ -1,0 +1,127 @@
+"""UnKE's write (ALGORITHM.md §4.3): fine-tune a whole decoder layer so its outputs carry the residual
+at the key positions while its outputs on generic text stay as they were."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from itertools import islice
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from ..batching import pad_right
+from ..corpus import wikipedia_sample
+from ..hooks import StopForward, hidden_of, run_until
+from .base import WeightWriter
+
+if TYPE_CHECKING:
+    from ..module import AnyEditModule
+
+
+def _layer_call(model, layer, ids, mask):
+    """The exact arguments the model passes to ``layer`` (masks, rotary embeddings, ...), and its output.
+
+    Calling the layer again with these reproduces the model's own computation for any architecture.
+    """
+    seen = {}
+
+    def pre(_m, args, kwargs):
+        seen["args"], seen["kwargs"] = args, dict(kwargs)
+
+    def post(_m, _i, output):
+        seen["out"] = hidden_of(output).detach()
+        raise StopForward
+
+    handles = [layer.register_forward_pre_hook(pre, with_kwargs=True), layer.register_forward_hook(post)]
+    try:
+        with torch.no_grad():
+            run_until(lambda: model(input_ids=ids, attention_mask=mask, use_cache=False))
+    finally:
+        for handle in handles:
+            handle.remove()
+    kwargs = {k: v for k, v in seen["kwargs"].items() if k not in ("cache", "past_key_values", "past_key_value")}
+    kwargs["use_cache"] = False
+    return seen["args"], kwargs, seen["out"]
+
+
+def default_preservation_texts(count: int = 20, chars: int = 600) -> list[str]:
+    """Generic text the layer must keep producing (authors: random instruction examples)."""
+    return [text[:chars] for text in islice(wikipedia_sample(), count)]
+
+
+class UnkeWrite(WeightWriter):
+    """Fine-tunes all parameters of each edited layer (authors: one layer, ``[7]``) with AdamW."""
+
+    name = "unke"
+
+    def __init__(
+        self,
+        lr: float = 2e-4,
+        steps: int = 50,
+        weight_decay: float = 0.01,
+        preservation_texts: Sequence[str] | None = None,
+        preservation_count: int = 20,
+        max_preservation_tokens: int = 128,
+    ):
+        self.lr, self.steps, self.weight_decay = lr, steps, weight_decay
+        self.preservation_texts = preservation_texts
+        self.preservation_count, self.max_preservation_tokens = preservation_count, max_preservation_tokens
+
+    def parameter_names(self, module: AnyEditModule) -> list[str]:
+        names = []
+        for layer in module.config.layers:
+            prefix = module.handle.spec.layer(layer) + "."
+            names += [prefix + n for n, _ in module.handle.layer(layer).named_parameters()]
+        return names
+
+    def prepare(self, module: AnyEditModule) -> None:
+        if self.preservation_texts is None:
+            self.preservation_texts = default_preservation_texts(self.preservation_count)
+
+    def write(self, module: AnyEditModule) -> None:
+        handle, q = module.handle, len(module.config.layers)
+        pres = [
+            module.tokenizer(t, add_special_tokens=False)["input_ids"][: self.max_preservation_tokens]
+            for t in self.preservation_texts
+        ]
+        pres_ids, pres_mask = pad_right(pres, module.pad_id, handle.device)
+        for i, layer_index, keys in self.residual_layers(module):
+            layer = handle.layer(layer_index)
+            seqs = [p.tokenized.ids for p in module.plans]
+            ids, mask = pad_right(seqs, module.pad_id, handle.device)
+            args_e, kwargs_e, y_edit = _layer_call(handle.model, layer, ids, mask)
+            args_p, kwargs_p, y_pres = _layer_call(handle.model, layer, pres_ids, pres_mask)
+            target = y_edit.float().clone()
+            dz = (keys.Z - keys.H) / (q - i)
+            rows = torch.cat([torch.full((len(p.keys),), r, device=ids.device) for r, p in enumerate(module.plans)])
+            cols = torch.cat([torch.as_tensor(p.keys, device=ids.device) for p in module.plans])
+            target[rows, cols] += dz
+            self._fit(layer, (args_e, kwargs_e, target, mask.bool()), (args_p, kwargs_p, y_pres.float(), pres_mask.bool()))
+            module.log_write(layer_index, residual=float(dz.norm(dim=-1).mean() * (q - i)), update=0.0)
+
+    def _fit(self, layer: torch.nn.Module, edit, preserve) -> None:
+        named = list(layer.named_parameters())
+        decay = [p for n, p in named if "norm" not in n and "ln" not in n]
+        no_decay = [p for n, p in named if "norm" in n or "ln" in n]
+        originals = [p.requires_grad for _, p in named]
+        for _, p in named:
+            p.requires_grad_(True)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.lr,
+        )
+        try:
+            with torch.enable_grad():
+                for _ in range(self.steps):
+                    optimizer.zero_grad()
+                    loss = sum(
+                        F.mse_loss(hidden_of(layer(*args, **kwargs)).float()[keep], target[keep])
+                        for args, kwargs, target, keep in (edit, preserve)
+                    )
+                    loss.backward()
+                    optimizer.step()
+        finally:
+            for (_, p), flag in zip(named, originals):
+                p.requires_grad_(flag)
+                p.grad = None
