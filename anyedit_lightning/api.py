@@ -78,10 +78,13 @@ def edit(
     chosen = get_preset(preset)
     config = chosen.config(method, anyedit, **config_overrides)
     if writer is None:
-        writer = make_writer(method, stats, chosen.stats_tokens, **{**chosen.writer_kwargs(method), **(writer_kwargs or {})})
+        options = {"stats_tokens": chosen.stats_tokens, **chosen.writer_kwargs(method), **(writer_kwargs or {})}
+        writer = make_writer(method, stats, **options)
     module = AnyEditModule(model, tokenizer, requests, config, architecture)
     trainer = default_trainer(model, [writer], **(trainer_kwargs or {}))
+    device = next(model.parameters()).device
     trainer.fit(module)
+    model.to(device)  # Lightning's teardown moves the module to the CPU after a GPU fit
     if module.edit_record is None:
         raise RuntimeError("The edit did not complete (the Trainer stopped before the write).")
     return module

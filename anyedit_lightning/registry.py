@@ -58,6 +58,9 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
 }
 
 
+_HEAD_ALIASES = ("lm_head", "embed_out")
+
+
 class UnsupportedArchitectureError(ValueError):
     """No templates are known for a model; the message says how to supply them."""
 
@@ -100,7 +103,9 @@ class ModelHandle:
         try:
             return self.model.get_submodule(self.spec.lm_head)
         except AttributeError:  # renamed across transformers versions (GPT-NeoX: embed_out -> lm_head)
-            head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+            if self.spec.lm_head not in _HEAD_ALIASES or not hasattr(self.model, "get_output_embeddings"):
+                raise
+            head = self.model.get_output_embeddings()
             if head is None:
                 raise
             return head

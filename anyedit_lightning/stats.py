@@ -241,7 +241,9 @@ def compute_covariance(
             trainer = trainer or _default_trainer(model)
             world, rank = trainer.world_size, trainer.global_rank
             loader = DataLoader(_PackedBatches(batches[rank::world]), batch_size=None, shuffle=False)
+            device = next(model.parameters()).device
             trainer.test(module, dataloaders=loader, verbose=False)
+            model.to(device)  # Lightning's teardown moves the module to the CPU after a GPU run
             is_zero = trainer.is_global_zero
         model.train(was_training)
         count = int(module.count.item())

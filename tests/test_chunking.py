@@ -212,7 +212,9 @@ def test_key_positions():
 
 @pytest.mark.parametrize(("window", "overlap"), [(8, 0), (8, 3), (1000, 0)])
 def test_planned_keys_precede_their_chunks(tok, window, overlap):
-    request = EditRequest("Who is Ada Quill?", "Ada Quill is a glassblower from Vormund who built a tide clock.")
+    request = EditRequest(
+        "Who is Ada Quill?", "Ada Quill is a glassblower from Vormund who built a tide clock."
+    )
     (plan,) = plan_requests(tok, [request], EditConfig(layers=[1], window=window, overlap=overlap))
     tokenized = plan.tokenized
     assert spans(plan.chunks) == spans(FixedWindow(window, overlap)(tokenized.target_ids))
@@ -232,7 +234,9 @@ def test_chunker_choice():
 
 
 def test_baseline_plan_is_one_chunk_keyed_at_last_prompt_token(tok):
-    request = EditRequest("Who is Ada Quill?", "Ada Quill is a glassblower from Vormund who built a tide clock.")
+    request = EditRequest(
+        "Who is Ada Quill?", "Ada Quill is a glassblower from Vormund who built a tide clock."
+    )
     (plan,) = plan_requests(tok, [request], EditConfig(layers=[1], anyedit=False, window=4))
     assert spans(plan.chunks) == [(0, len(plan.tokenized.target_ids))]
     assert plan.keys == [plan.tokenized.prompt_len - 1]

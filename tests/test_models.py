@@ -105,7 +105,7 @@ def test_unknown_name_fails_fast_offline(monkeypatch):
     assert elapsed < 10, f"took {elapsed:.1f} s: the hub was retried"
     message = str(caught.value)
     assert "'no-such-model'" in message
-    assert "neither a local folder nor reachable" in message
+    assert "not a local folder" in message and "cannot be reached" in message
     assert caught.value.__cause__ is None  # raised `from None`: one clean message
 
 

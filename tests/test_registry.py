@@ -43,16 +43,6 @@ def _build(family: str) -> nn.Module:
 def family_model(request):
     """``(family, model)`` for each listed family; the model is only read, never edited."""
     family, model = request.param, _build(request.param)
-    if (
-        family == "gpt_neox"
-        and ARCHITECTURES[family].lm_head == "embed_out"
-        and not hasattr(model, "embed_out")
-    ):
-        # Known registry bug: transformers 5 renamed GPTNeoXForCausalLM.embed_out to lm_head (4.x keeps
-        # embed_out). Reported to the lead; this xfail stops applying once the registry handles both.
-        pytest.xfail(
-            f"registry: gpt_neox lm_head template 'embed_out' is 'lm_head' in transformers {transformers.__version__}"
-        )
     return family, model
 
 

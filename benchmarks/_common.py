@@ -1,0 +1,63 @@
+"""Shared bits of the benchmark scripts: requests of a chosen length and timing an edit."""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+from anyedit_lightning import EditRequest, edit
+from anyedit_lightning.metrics import rouge_l_recall
+from anyedit_lightning.requests import end_of_turn_id, prompt_text
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def dev_requests(count: int, min_tokens: int, tokenizer) -> list[EditRequest]:
+    """EditEverything dev records (first 20) cut to about ``min_tokens`` tokens at a sentence end."""
+    records = json.loads((ROOT / "data" / "editevery.json").read_text())[:20]
+    out = []
+    for record in records:
+        ids = tokenizer(record["answer"], add_special_tokens=False)["input_ids"]
+        if len(ids) < min_tokens:
+            continue
+        text = tokenizer.decode(ids[:min_tokens])
+        cut = max(text.rfind(". "), text.rfind(".\n"))
+        out.append(EditRequest(record["question"], text[: cut + 1] if cut > 0 else text))
+        if len(out) == count:
+            break
+    return out
+
+
+def generate(model, tokenizer, request: EditRequest, max_new_tokens: int) -> tuple[str, bool]:
+    text = prompt_text(tokenizer, request)
+    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(model.device)
+    eot = end_of_turn_id(tokenizer)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eot,
+                             pad_token_id=tokenizer.pad_token_id)
+    new = out[0, inputs["input_ids"].shape[1]:]
+    return tokenizer.decode(new, skip_special_tokens=True).strip(), bool((new == eot).any())
+
+
+def timed_edit(model, tokenizer, request, **kwargs):
+    """Edit, then regenerate; returns seconds, ROUGE-L recall, whether it stopped, and the module."""
+    started = time.perf_counter()
+    module = edit(model, tokenizer, request, trainer_kwargs=dict(enable_progress_bar=False, logger=False), **kwargs)
+    seconds = time.perf_counter() - started
+    n = len(tokenizer(request.target)["input_ids"])
+    prediction, stopped = generate(model, tokenizer, request, n + 40)
+    return seconds, rouge_l_recall(prediction, request.target), stopped, module
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def restore(model, state: dict) -> None:
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            tensor.copy_(state[name])
