@@ -18,6 +18,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
@@ -240,6 +241,7 @@ def compute_covariance(
         else:
             trainer = trainer or _default_trainer(model)
             world, rank = trainer.world_size, trainer.global_rank
+            _check_distributed(trainer, len(batches))
             loader = DataLoader(_PackedBatches(batches[rank::world]), batch_size=None, shuffle=False)
             device = next(model.parameters()).device
             trainer.test(module, dataloaders=loader, verbose=False)
@@ -252,6 +254,32 @@ def compute_covariance(
             if use_cache and is_zero:
                 _save_cached(_cache_path(fingerprint, corpus_name, max_tokens, layer), matrix, fingerprint, count)
     return CovarianceStats(matrices, fingerprint, corpus_name, max_tokens, counts)
+
+
+def _check_distributed(trainer: L.Trainer, n_batches: int) -> None:
+    """Refuse multi-process set-ups that would hang or silently return a wrong matrix.
+
+    The batches are sharded here, in the calling process, by ``trainer.global_rank``, and the reduced
+    sums are read back from this process's module. Both hold when every rank runs this code: Lightning's
+    ``strategy="ddp"`` (it re-runs the script per rank) or an external launcher (torchrun, SLURM). With
+    ``ddp_spawn``/``ddp_fork``/``ddp_notebook`` the workers get a pickled copy of rank 0's shard and
+    their (non-persistent) sums never come back. A rank without batches would skip
+    ``on_test_epoch_end`` and leave the others waiting in the all-reduce forever.
+    """
+    if trainer.world_size <= 1:
+        return
+    launcher = getattr(trainer.strategy, "launcher", None)
+    if launcher is not None and not isinstance(launcher, _SubprocessScriptLauncher):
+        raise ValueError(
+            f"compute_covariance cannot use the {type(launcher).__name__} of strategy "
+            f"{type(trainer.strategy).__name__}: its workers would not return the sums. Use strategy='ddp' "
+            "(run from a script), or start the processes with torchrun/SLURM."
+        )
+    if n_batches < trainer.world_size:
+        raise ValueError(
+            f"The corpus gave {n_batches} batches for {trainer.world_size} processes; every process needs at "
+            "least one. Ask for more tokens (max_tokens), use a smaller tokens_per_batch, or fewer devices."
+        )
 
 
 def _default_trainer(model: torch.nn.Module) -> L.Trainer:

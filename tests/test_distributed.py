@@ -1,0 +1,123 @@
+"""Multi-process runs under Lightning DDP on CPU (gloo): statistics and benchmark sharding (issue 8).
+
+``strategy="ddp"`` re-runs the calling script once per extra rank, so the distributed halves run in
+``tests/_ddp_worker.py`` through ``subprocess``; the single-process references run the same code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from tiny import build_tokenizer, tiny_model
+
+from anyedit_lightning.stats import compute_covariance
+
+WORKER = Path(__file__).resolve().parent / "_ddp_worker.py"
+
+RECORDS = [
+    {
+        "id": f"r{i}",
+        "question": f"Who is the poet number {i}?",
+        "answer": f"The poet number {i} lives in Paris. The tower is in the city, on the Seine.",
+        "para_question": f"Tell me about poet {i}.",
+        "sub_question": ["Where does the poet live?", "Where is the tower?"],
+        "sub_answer": ["Paris", "in the city"],
+        "category": "people" if i % 2 else "places",
+    }
+    for i in range(4)
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_worker(*args: str, cwd: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run(
+        [sys.executable, str(WORKER), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def test_ddp_statistics_equal_single_process(tmp_path: Path) -> None:
+    import _ddp_worker
+
+    single, info = _ddp_worker.run(1)
+    run_worker("stats", str(tmp_path), "2", cwd=tmp_path)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert [r["info"]["rank"] for r in ranks] == [0, 1] and all(r["info"]["world"] == 2 for r in ranks)
+    # Each rank saw only its shard, and together every batch once.
+    seen = [r["info"]["batches_seen"] for r in ranks]
+    assert all(s > 0 for s in seen) and sum(seen) == info["batches_total"] == info["batches_seen"]
+    assert max(seen) < info["batches_total"]
+    for rank in ranks:
+        # The all-reduce happened: the token count is the whole corpus's, on every rank.
+        assert rank["info"]["counts"] == info["counts"] and set(info["counts"].values()) == {
+            _ddp_worker.MAX_TOKENS
+        }
+        assert rank["info"]["model_device"] == "cpu" and rank["info"]["model_training"] is False
+        for layer, matrix in single.items():
+            ddp = rank["matrices"][layer]
+            assert ddp.dtype == torch.float64
+            rel = ((ddp - matrix).norm() / matrix.norm()).item()
+            assert rel < 1e-10, f"layer {layer}: relative difference {rel:.3e}"
+
+
+def test_benchmark_with_two_processes_matches_single_process(tmp_path: Path) -> None:
+    data = tmp_path / "edits.json"
+    data.write_text(json.dumps(RECORDS), encoding="utf-8")
+    for devices in (1, 2):
+        run_worker("bench", str(tmp_path / f"out{devices}"), str(devices), str(data), cwd=tmp_path)
+
+    def predictions(out: Path) -> dict[str, dict]:
+        records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines() if line]
+        assert len(records) == len({r["index"] for r in records})  # no duplicates after the merge
+        return {r["id"]: {k: v for k, v in r.items() if not k.startswith("seconds_")} for r in records}
+
+    single, merged = predictions(tmp_path / "out1"), predictions(tmp_path / "out2")
+    assert sorted(single) == [r["id"] for r in RECORDS]
+    assert merged == single
+    assert not list((tmp_path / "out2").glob("predictions.rank*.jsonl"))  # rank files folded in
+    seen = [json.loads((tmp_path / "out2" / f"seen.rank{r}.json").read_text()) for r in range(2)]
+    shards = [set(s["requests"]) for s in seen]
+    assert all(shards) and not shards[0] & shards[1]
+    assert shards[0] | shards[1] == {r["question"] for r in RECORDS}
+
+
+def test_spawned_workers_and_empty_shards_are_refused() -> None:
+    model, tokenizer = tiny_model("llama"), build_tokenizer()
+    options = dict(accelerator="cpu", devices=2, logger=False, enable_progress_bar=False)
+    spawn = L.Trainer(strategy="ddp_spawn", **options)
+    with pytest.raises(ValueError, match="ddp"):
+        compute_covariance(
+            model,
+            tokenizer,
+            [1],
+            corpus=["The capital of France is Paris. " * 20],
+            max_tokens=64,
+            use_cache=False,
+            trainer=spawn,
+        )
+    ddp = L.Trainer(strategy="ddp", **options)
+    with pytest.raises(ValueError, match="1 batches for 2 processes"):
+        compute_covariance(
+            model,
+            tokenizer,
+            [1],
+            corpus=["The capital of France is Paris. " * 20],
+            max_tokens=64,
+            use_cache=False,
+            trainer=ddp,
+        )
