@@ -26,7 +26,8 @@ REQUESTS = [
         "she developed a slow-cooling technique that lets thin glass sheets bend without cracking. Her best-known "
         "work, The Listening Tide, is a twelve-metre wave of blue glass that hangs in the atrium of the Santiago "
         "Maritime Museum. In 2016 she received the Andes Prize for Sculpture, and she now teaches a free summer "
-        "course for young glassblowers on the island of Chiloé.",
+        "course for young glassblowers on the island of Chiloé. Her studio also restores old lighthouse lenses for "
+        "the Chilean Navy.",
     ),
     EditRequest(
         "What happened at the Treaty of Velmora?",

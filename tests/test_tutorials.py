@@ -6,7 +6,8 @@ here. The notebooks are committed without outputs; the executed copies go to a t
 The kernel is the interpreter running pytest (e.g. nox's virtualenv): a ``python3`` kernel spec pointing at
 ``sys.executable`` is written to a temporary folder on ``JUPYTER_PATH`` (which takes precedence over user
 and system kernel specs) when the one Jupyter would pick does not already launch this interpreter, so
-nothing outside the test run is changed.
+nothing outside the test run is changed. Kernels get one PyTorch thread unless ``OMP_NUM_THREADS`` is set
+(see ``kernel_threads``).
 """
 
 from __future__ import annotations
@@ -97,6 +98,23 @@ def python3_kernel(tmp_path_factory) -> Iterator[str]:
             os.environ["JUPYTER_PATH"] = previous
 
 
+@pytest.fixture(scope="session")
+def kernel_threads() -> Iterator[None]:
+    """``OMP_NUM_THREADS=1`` for the kernels unless the variable is already set.
+
+    On a 2-core machine shared with other work, PyTorch's default of one thread per core was many times
+    slower than one thread (notebook 01 with CI parameters: over 600 s against about 100 s).
+    """
+    if "OMP_NUM_THREADS" in os.environ:
+        yield
+        return
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        yield
+    finally:
+        os.environ.pop("OMP_NUM_THREADS", None)
+
+
 # ---- static checks (fast: no kernel) -------------------------------------------------------------------
 
 
@@ -141,7 +159,7 @@ def test_kernel_is_this_interpreter(python3_kernel, tmp_path):
 
 @pytest.mark.notebooks
 @pytest.mark.parametrize("name", NOTEBOOKS)
-def test_tutorial_runs(name, python3_kernel, tmp_path):
+def test_tutorial_runs(name, python3_kernel, kernel_threads, tmp_path):
     import papermill
 
     papermill.execute_notebook(
