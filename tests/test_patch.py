@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from tiny import CORPUS, tiny_model
 
 import anyedit_lightning
+from anyedit_lightning.presets import get_preset
 from anyedit_lightning import EditConfig, EditRequest, compute_covariance, edit
 from anyedit_lightning import api as api_module
 from anyedit_lightning import patch as patch_module
@@ -113,7 +114,7 @@ def test_patch_metadata(edited):
     assert patch.method == "memit"
     assert patch.hyperparameters["layers"] == LAYERS and patch.hyperparameters["v_steps"] == 5
     assert patch.hyperparameters["writer"]["name"] == "memit"
-    assert patch.hyperparameters["writer"]["mom2_weight"] == 100.0
+    assert patch.hyperparameters["writer"]["mom2_weight"] == get_preset("smollm2-135m-instruct").writer_kwargs("memit")["mom2_weight"]
     assert patch.requests == [
         {"prompt": REQUESTS[0].prompt, "target": REQUESTS[0].target, "raw_prompt": False}
     ]
