@@ -17,6 +17,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers imports huggingface_hub
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 from tiny import FAMILIES, build_tokenizer, tiny_config, tiny_model  # noqa: E402
 
 __all__ = ["FAMILIES", "build_tokenizer", "tiny_config", "tiny_model"]
@@ -55,3 +56,12 @@ def smollm2():
     from anyedit_lightning.models import load_model
 
     return load_model()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on a shared, loaded CPU run many times faster on one intra-op thread (restored after)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

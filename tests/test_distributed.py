@@ -15,32 +15,15 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from tiny import build_tokenizer, tiny_model
+from tiny import build_tokenizer, poet_records, tiny_model
 
 from anyedit_lightning.stats import compute_covariance
 
 WORKER = Path(__file__).resolve().parent / "_ddp_worker.py"
 
-RECORDS = [
-    {
-        "id": f"r{i}",
-        "question": f"Who is the poet number {i}?",
-        "answer": f"The poet number {i} lives in Paris. The tower is in the city, on the Seine.",
-        "para_question": f"Tell me about poet {i}.",
-        "sub_question": ["Where does the poet live?", "Where is the tower?"],
-        "sub_answer": ["Paris", "in the city"],
-        "category": "people" if i % 2 else "places",
-    }
-    for i in range(4)
-]
+RECORDS = poet_records(4)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_worker(*args: str, cwd: Path) -> None:
@@ -99,25 +82,15 @@ def test_benchmark_with_two_processes_matches_single_process(tmp_path: Path) -> 
 def test_spawned_workers_and_empty_shards_are_refused() -> None:
     model, tokenizer = tiny_model("llama"), build_tokenizer()
     options = dict(accelerator="cpu", devices=2, logger=False, enable_progress_bar=False)
-    spawn = L.Trainer(strategy="ddp_spawn", **options)
-    with pytest.raises(ValueError, match="ddp"):
-        compute_covariance(
-            model,
-            tokenizer,
-            [1],
-            corpus=["The capital of France is Paris. " * 20],
-            max_tokens=64,
-            use_cache=False,
-            trainer=spawn,
-        )
-    ddp = L.Trainer(strategy="ddp", **options)
-    with pytest.raises(ValueError, match="1 batches for 2 processes"):
-        compute_covariance(
-            model,
-            tokenizer,
-            [1],
-            corpus=["The capital of France is Paris. " * 20],
-            max_tokens=64,
-            use_cache=False,
-            trainer=ddp,
-        )
+    refusals = [("ddp_spawn", "ddp"), ("ddp", "1 batches for 2 processes")]
+    for strategy, message in refusals:
+        with pytest.raises(ValueError, match=message):
+            compute_covariance(
+                model,
+                tokenizer,
+                [1],
+                corpus=["The capital of France is Paris. " * 20],
+                max_tokens=64,
+                use_cache=False,
+                trainer=L.Trainer(strategy=strategy, **options),
+            )

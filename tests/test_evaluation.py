@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import EOS_ID, build_tokenizer, tiny_model
+from tiny import EOS_ID, build_tokenizer, poet_records, tiny_model
 
 import anyedit_lightning.api as api_module
 import anyedit_lightning.evaluation.runner as runner_module
@@ -33,27 +33,9 @@ from anyedit_lightning.stats import compute_covariance
 LAYERS = [1, 2]
 EDIT = {"layers": LAYERS, "v_steps": 3}
 
-RECORDS = [
-    {
-        "id": f"r{i}",
-        "question": f"Who is the poet number {i}?",
-        "answer": f"The poet number {i} lives in Paris. The tower is in the city, on the Seine.",
-        "para_question": f"Tell me about poet {i}.",
-        "sub_question": ["Where does the poet live?", "Where is the tower?"],
-        "sub_answer": ["Paris", "in the city"],
-        "category": "people" if i % 2 else "places",
-    }
-    for i in range(3)
-]
+RECORDS = poet_records(3)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models on a shared, loaded CPU run many times faster on one intra-op thread (restored after)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -166,3 +166,19 @@ def tiny_model(
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def poet_records(count: int) -> list[dict]:
+    """Short records in the UnKEBench schema, for benchmark-runner tests."""
+    return [
+        {
+            "id": f"r{i}",
+            "question": f"Who is the poet number {i}?",
+            "answer": f"The poet number {i} lives in Paris. The tower is in the city, on the Seine.",
+            "para_question": f"Tell me about poet {i}.",
+            "sub_question": ["Where does the poet live?", "Where is the tower?"],
+            "sub_answer": ["Paris", "in the city"],
+            "category": "people" if i % 2 else "places",
+        }
+        for i in range(count)
+    ]
