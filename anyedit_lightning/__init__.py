@@ -3,11 +3,13 @@
 Implements AnyEdit (arXiv 2502.05628) on PyTorch Lightning, with MEMIT, AlphaEdit and UnKE writes.
 """
 
-from .api import edit, make_writer
+from .api import default_trainer, edit, edit_sequentially, make_writer
 from .chunking import Chunk, FixedWindow, Semantic
 from .config import EditConfig
+from .fingerprint import weights_fingerprint
 from .models import EMBEDDED_MODEL, ModelLoadError, load_model
 from .module import AnyEditModule, EditRecord
+from .patch import EditPatch, save_edited_model
 from .presets import PRESETS, Preset, get_preset
 from .registry import (
     ArchitectureSpec,
@@ -16,7 +18,8 @@ from .registry import (
     resolve_architecture,
 )
 from .requests import EditRequest, RequestError, tokenize_request
-from .stats import CovarianceStats, compute_covariance
+from .stats import CovarianceModule, CovarianceStats, compute_covariance
+from .text_data import TextCorpusDataModule
 from .writers import AlphaEditWrite, MemitWrite, UnkeWrite, WeightWriter
 
 __version__ = "0.1.0"
@@ -27,8 +30,10 @@ __all__ = [
     "AnyEditModule",
     "ArchitectureSpec",
     "Chunk",
+    "CovarianceModule",
     "CovarianceStats",
     "EditConfig",
+    "EditPatch",
     "EditRecord",
     "EditRequest",
     "FixedWindow",
@@ -38,15 +43,20 @@ __all__ = [
     "Preset",
     "RequestError",
     "Semantic",
+    "TextCorpusDataModule",
     "UnkeWrite",
     "UnsupportedArchitectureError",
     "WeightWriter",
     "compute_covariance",
+    "default_trainer",
     "edit",
+    "edit_sequentially",
     "get_preset",
     "load_model",
     "make_writer",
     "register_architecture",
     "resolve_architecture",
+    "save_edited_model",
     "tokenize_request",
+    "weights_fingerprint",
 ]

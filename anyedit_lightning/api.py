@@ -28,15 +28,21 @@ Method = Literal["memit", "alphaedit", "unke"]
 WRITERS: dict[str, type[WeightWriter]] = {"memit": MemitWrite, "alphaedit": AlphaEditWrite, "unke": UnkeWrite}
 
 
-def make_writer(method: str, stats: CovarianceStats | None = None, stats_tokens: int = 100_000, **kwargs: Any) -> WeightWriter:
+def make_writer(
+    method: str, stats: CovarianceStats | None = None, stats_tokens: int = 100_000, **kwargs: Any
+) -> WeightWriter:
     if method not in WRITERS:
-        raise ValueError(f"Unknown method {method!r}; choose one of {sorted(WRITERS)} or pass writer=<a WeightWriter>.")
+        raise ValueError(
+            f"Unknown method {method!r}; choose one of {sorted(WRITERS)} or pass writer=<a WeightWriter>."
+        )
     if method == "unke":
         return UnkeWrite(**kwargs)
     return WRITERS[method](stats=stats, stats_tokens=stats_tokens, **kwargs)
 
 
-def default_trainer(model: torch.nn.Module, callbacks: list, log_dir: str | None = None, **kwargs: Any) -> L.Trainer:
+def default_trainer(
+    model: torch.nn.Module, callbacks: list, log_dir: str | None = None, **kwargs: Any
+) -> L.Trainer:
     """A one-epoch Trainer on the model's device, logging per chunk to CSV (TensorBoard if you pass it)."""
     device = next(model.parameters()).device
     defaults: dict[str, Any] = dict(
@@ -78,7 +84,11 @@ def edit(
     chosen = get_preset(preset)
     config = chosen.config(method, anyedit, **config_overrides)
     if writer is None:
-        options = {"stats_tokens": chosen.stats_tokens, **chosen.writer_kwargs(method), **(writer_kwargs or {})}
+        options = {
+            "stats_tokens": chosen.stats_tokens,
+            **chosen.writer_kwargs(method),
+            **(writer_kwargs or {}),
+        }
         writer = make_writer(method, stats, **options)
     module = AnyEditModule(model, tokenizer, requests, config, architecture)
     trainer = default_trainer(model, [writer], **(trainer_kwargs or {}))

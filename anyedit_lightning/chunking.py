@@ -23,7 +23,9 @@ class Chunk:
 
 
 class Chunker(Protocol):
-    def __call__(self, target_ids: Sequence[int], tokenizer: PreTrainedTokenizerBase | None = None) -> list[Chunk]: ...
+    def __call__(
+        self, target_ids: Sequence[int], tokenizer: PreTrainedTokenizerBase | None = None
+    ) -> list[Chunk]: ...
 
 
 @dataclass(frozen=True)
@@ -40,9 +42,13 @@ class FixedWindow:
         if self.size is not None and self.size < 1:
             raise ValueError(f"window size must be at least 1 token, got {self.size}")
         if self.overlap < 0 or (self.size is not None and self.overlap >= self.size):
-            raise ValueError(f"overlap must satisfy 0 <= overlap < window size; got overlap={self.overlap}, size={self.size}")
+            raise ValueError(
+                f"overlap must satisfy 0 <= overlap < window size; got overlap={self.overlap}, size={self.size}"
+            )
 
-    def __call__(self, target_ids: Sequence[int], tokenizer: PreTrainedTokenizerBase | None = None) -> list[Chunk]:
+    def __call__(
+        self, target_ids: Sequence[int], tokenizer: PreTrainedTokenizerBase | None = None
+    ) -> list[Chunk]:
         total = len(target_ids)
         if self.size is None or self.size >= total:
             return [Chunk(0, total)]
@@ -86,7 +92,9 @@ class Semantic:
         ends.append(len(target_ids))
         return ends
 
-    def __call__(self, target_ids: Sequence[int], tokenizer: PreTrainedTokenizerBase | None = None) -> list[Chunk]:
+    def __call__(
+        self, target_ids: Sequence[int], tokenizer: PreTrainedTokenizerBase | None = None
+    ) -> list[Chunk]:
         if tokenizer is None:
             raise ValueError("semantic chunking needs the tokenizer to find sentence boundaries")
         sentences, start = [], 0

@@ -1,19 +1,34 @@
 """Generic English text for the second-moment statistics (ALGORITHM.md §5), available offline.
 
-The ``gensim`` wheel ships a shortened English Wikipedia dump (104 articles, ~600K tokens, CC BY-SA)
-as test data; we read that file without importing gensim. Any iterable of strings works instead.
+The default corpus is a shortened English Wikipedia dump (104 articles, ~600K tokens, CC BY-SA) that
+the ``gensim`` wheel ships as test data. ``data/build_wikipedia_sample.py`` extracts its plain text once
+into ``data/wikipedia_sample.jsonl.gz`` (attribution in ``data/README.md``); without that file (an
+installed package, no checkout) the dump is read straight from the wheel, never importing gensim.
+Both give the same texts, so cached statistics stay valid.
+
+A corpus may also be a text file (``.txt``: one document; ``.jsonl``/``.jsonl.gz``: a ``text`` field
+per line), a list of such paths, a ``datasets`` dataset with a ``text`` column, or any iterable of
+strings.
 """
 
 from __future__ import annotations
 
 import bz2
+import gzip
+import hashlib
 import importlib.util
+import json
+import os
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
+
+from .paths import default_data_dir
 
 WIKIPEDIA_SAMPLE = "wikipedia-sample"
+EXTRACTED_SAMPLE = "wikipedia_sample.jsonl.gz"
 _DUMP = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 _INSTALL_HINT = "python -m pip install --no-deps gensim"
 
@@ -57,9 +72,9 @@ def clean_wikitext(text: str) -> str:
     return text.strip()
 
 
-def wikipedia_sample(min_chars: int = 200) -> Iterator[str]:
-    """Cleaned article texts from the offline dump, in file order (deterministic)."""
-    with bz2.open(wikipedia_sample_path(), "rb") as handle:
+def dump_articles(path: str | os.PathLike[str], min_chars: int = 200) -> Iterator[str]:
+    """Cleaned article texts of a MediaWiki XML dump (``.bz2``), in file order (deterministic)."""
+    with bz2.open(path, "rb") as handle:
         for _event, element in ET.iterparse(handle):
             if element.tag.endswith("}text") or element.tag == "text":
                 text = clean_wikitext(element.text or "")
@@ -68,14 +83,84 @@ def wikipedia_sample(min_chars: int = 200) -> Iterator[str]:
             element.clear()
 
 
-def resolve_corpus(corpus: str | Iterable[str]) -> tuple[str, Iterable[str]]:
-    """A corpus name (for cache keys) and its texts."""
-    if isinstance(corpus, str):
-        if corpus != WIKIPEDIA_SAMPLE:
-            raise ValueError(f"Unknown corpus {corpus!r}; use {WIKIPEDIA_SAMPLE!r} or pass an iterable of texts.")
-        return corpus, wikipedia_sample()
-    texts = list(corpus)
-    import hashlib
+def extracted_sample_path() -> Path | None:
+    """``data/wikipedia_sample.jsonl.gz`` when the checkout (or ``$ANYEDIT_DATA``) has it."""
+    try:
+        path = default_data_dir() / EXTRACTED_SAMPLE
+    except FileNotFoundError:
+        return None
+    return path if path.is_file() else None
 
-    digest = hashlib.sha256("\x00".join(texts).encode()).hexdigest()[:12]
-    return f"texts-{digest}", texts
+
+def wikipedia_sample() -> Iterator[str]:
+    """The default corpus: the extracted file when present, else the dump inside the gensim wheel."""
+    extracted = extracted_sample_path()
+    if extracted is not None:
+        yield from read_text_file(extracted)
+    else:
+        yield from dump_articles(wikipedia_sample_path())
+
+
+def read_text_file(path: str | os.PathLike[str]) -> Iterator[str]:
+    """Documents of one file: a ``.txt`` file is one document; ``.jsonl`` (optionally ``.gz``) has a
+    ``text`` field per line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Corpus file {path} does not exist.")
+    name = path.name.lower()
+    opener: Any = gzip.open if name.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as handle:
+        if name.endswith((".jsonl", ".jsonl.gz")):
+            for number, line in enumerate(handle, 1):
+                if line.strip():
+                    record = json.loads(line)
+                    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                        raise ValueError(f"{path}:{number}: a corpus JSONL line needs a string field 'text'.")
+                    yield record["text"]
+        elif name.endswith((".txt", ".txt.gz")):
+            yield handle.read()
+        else:
+            raise ValueError(f"Corpus file {path}: use a .txt or .jsonl file (optionally .gz).")
+
+
+def _is_file(item: Any) -> bool:
+    """Whether ``item`` names an existing file (a long text with newlines is never a path)."""
+    if isinstance(item, str) and ("\n" in item or len(item) > 1024):
+        return False
+    try:
+        return isinstance(item, (str, os.PathLike)) and Path(item).is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def _digest(texts: Iterable[str]) -> str:
+    digest = hashlib.sha256()
+    for text in texts:
+        digest.update(text.encode())
+        digest.update(b"\x00")
+    return digest.hexdigest()[:12]
+
+
+def resolve_corpus(corpus: Any) -> tuple[str, Iterable[str]]:
+    """A corpus name (part of the statistics' cache key) and its texts."""
+    if isinstance(corpus, str) and corpus == WIKIPEDIA_SAMPLE:
+        return corpus, wikipedia_sample()
+    if isinstance(corpus, (str, os.PathLike)):
+        if not _is_file(corpus):
+            raise ValueError(
+                f"Unknown corpus {str(corpus)!r}: not {WIKIPEDIA_SAMPLE!r} and not a file. Pass a .txt/.jsonl "
+                "file, a list of them, a `datasets` dataset with a 'text' column, or an iterable of texts."
+            )
+        corpus = [corpus]
+    if hasattr(corpus, "column_names"):  # a `datasets` dataset
+        if "text" not in corpus.column_names:
+            raise ValueError(f"The dataset has no 'text' column (columns: {corpus.column_names}).")
+        texts = list(corpus["text"])
+        return f"dataset-{getattr(corpus, '_fingerprint', None) or _digest(texts)}", texts
+    items = list(corpus)
+    if items and all(_is_file(item) for item in items):
+        texts = [text for item in items for text in read_text_file(item)]
+        return f"files-{_digest(texts)}", texts
+    if not all(isinstance(item, str) for item in items):
+        raise TypeError("A corpus iterable must hold strings (texts) or paths of existing text files.")
+    return f"texts-{_digest(items)}", items

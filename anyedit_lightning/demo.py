@@ -27,7 +27,7 @@ TARGET = (
     "best-known work, The Listening Tide, is a twelve-metre wave of blue glass that hangs in the atrium of "
     "the Santiago Maritime Museum. In 2016 she received the Andes Prize for Sculpture, and she now teaches "
     "a free summer course for young glassblowers on the island of Chiloé. Her studio also restores old lighthouse lenses for "
-        "the Chilean Navy."
+    "the Chilean Navy."
 )
 
 
@@ -65,9 +65,13 @@ def main(argv: list[str] | None = None) -> None:
     stats = None
     if args.method != "unke":
         stats = compute_covariance(model, tokenizer, layers, max_tokens=args.stats_tokens)
-        print(f"Covariance statistics ({args.stats_tokens} tokens, cached after the first run): {time.perf_counter() - t0:.1f} s")
+        print(
+            f"Covariance statistics ({args.stats_tokens} tokens, cached after the first run): {time.perf_counter() - t0:.1f} s"
+        )
     t1 = time.perf_counter()
-    module = edit(model, tokenizer, EditRequest(PROMPT, TARGET), method=args.method, anyedit=True, stats=stats)
+    module = edit(
+        model, tokenizer, EditRequest(PROMPT, TARGET), method=args.method, anyedit=True, stats=stats
+    )
     seconds = time.perf_counter() - t1
     chunks = len(module.plans[0].chunks)
     after = answer(model, tokenizer, PROMPT, args.max_new_tokens)

@@ -94,8 +94,13 @@ class AnyEditModule(L.LightningModule):
         metrics = self._optimizer.optimise(self.plans, j)
         for row, values in enumerate(metrics):
             self.chunk_metrics.append({"chunk": j, "request": row, **values})
-        summary = {key: sum(m[key] for m in metrics) / len(metrics) for key in ("nll_before", "nll_after", "delta_norm", "steps")}
-        self.log_dict({f"chunk/{k}": float(v) for k, v in summary.items()}, on_step=True, prog_bar=True, batch_size=1)
+        summary = {
+            key: sum(m[key] for m in metrics) / len(metrics)
+            for key in ("nll_before", "nll_after", "delta_norm", "steps")
+        }
+        self.log_dict(
+            {f"chunk/{k}": float(v) for k, v in summary.items()}, on_step=True, prog_bar=True, batch_size=1
+        )
 
     def on_fit_end(self) -> None:
         self.model.eval()

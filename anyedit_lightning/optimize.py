@@ -10,6 +10,13 @@ Two paths compute the same δs:
   own positions against that cache. Cost per step falls from the whole prefix to the chunk's length.
 Both use the model's own forward (with explicit position ids and a padding mask), so every registered
 architecture that supports a KV cache takes the fast path.
+
+On a CPU each Adam step of the fast path is bound by reading the weights of the layers above the z-layer,
+not by the chunk's few tokens, so the remaining cost is the per-chunk prefix. For a single request the
+prefix cache is therefore grown incrementally: chunk ``j``'s cache is chunk ``j-1``'s, extended by the
+tokens between the two keys with ``δ_{j-1}`` added (one forward over the new tokens, which also yields the
+next window's z-layer states; the cache is then cropped back to the key). Batches of several requests,
+whose prefixes are padded to a common width, rebuild the prefix per chunk.
 """
 
 from __future__ import annotations
@@ -137,10 +144,23 @@ class DeltaOptimizer:
         last = handle.num_layers - 1
         self.loss_layer = last if config.loss_layer is None else config.loss_layer
         self._cache_kw = _cache_kwarg(self.model)
+        params = inspect.signature(self.model.forward).parameters
+        self._keep_kw = "logits_to_keep" if "logits_to_keep" in params else None
+        self._stream: dict | None = None  # the single-request prefix cache, grown chunk by chunk
 
     # ---- forward passes ----
     def _forward(
-        self, ids, mask, rows, positions, deltas, position_ids=None, cache=None, want_cache=False, replay=None
+        self,
+        ids,
+        mask,
+        rows,
+        positions,
+        deltas,
+        position_ids=None,
+        cache=None,
+        want_cache=False,
+        replay=None,
+        need_logits=True,
     ):
         """Logits with ``deltas`` added at ``(rows, positions)`` of the z-layer output; also the unperturbed
         z-layer states there (``h_init``) and the returned cache."""
@@ -160,6 +180,8 @@ class DeltaOptimizer:
             kwargs["position_ids"] = position_ids
         if cache is not None:
             kwargs[self._cache_kw] = cache
+        if not need_logits and self._keep_kw:
+            kwargs[self._keep_kw] = 1  # a prefix pass only fills the cache: skip the vocabulary projection
         loss_out: dict[str, torch.Tensor] = {}
         with ExitStack() as stack:
             if replay is not None:
@@ -194,15 +216,21 @@ class DeltaOptimizer:
             return []
         device = self.handle.device
         use_fast = self.config.fast and all(a.key >= 1 for a in active)
-        step_inputs = self._fast_inputs(active, j, device) if use_fast else self._reference_inputs(active, j, device)
+        step_inputs = (
+            self._fast_inputs(active, j, device) if use_fast else self._reference_inputs(active, j, device)
+        )
         label_ids, label_mask = pad_right([a.labels for a in active], self.pad_id, device)
 
-        delta = torch.zeros(len(active), self.handle.hidden_size, device=device, requires_grad=True)
+        # float32 whatever the model's dtype (Lightning's "16-true" precision changes the default dtype).
+        delta = torch.zeros(
+            len(active), self.handle.hidden_size, dtype=torch.float32, device=device, requires_grad=True
+        )
         optimizer = torch.optim.Adam([delta], lr=self.config.v_lr)
         done = torch.zeros(len(active), dtype=torch.bool, device=device)
         steps = torch.zeros(len(active), dtype=torch.long)
         nll_before = None
         h_init = None
+        nll_after = None
         for _step in range(self.config.v_steps):
             nll, h = self._nll(step_inputs, delta, label_ids, label_mask)
             if h_init is None:
@@ -214,6 +242,7 @@ class DeltaOptimizer:
                 raise NonFiniteError(f"non-finite loss while optimising chunk {j} (loss={loss.tolist()})")
             done |= loss.detach() < self.config.early_stop
             if bool(done.all()):
+                nll_after = nll.detach()  # every δ is frozen at the value this NLL was computed with
                 break
             steps += (~done).long().cpu()
             optimizer.zero_grad()
@@ -228,8 +257,11 @@ class DeltaOptimizer:
                 delta.mul_(scale[:, None])
             if not torch.isfinite(delta).all():
                 raise NonFiniteError(f"non-finite δ while optimising chunk {j}")
-        with torch.no_grad():
-            nll_after, _ = self._nll(step_inputs, delta, label_ids, label_mask)
+        if nll_after is None:
+            with torch.no_grad():
+                nll_after, _ = self._nll(step_inputs, delta, label_ids, label_mask)
+        if self._stream is not None and j == len(self._stream["plan"].chunks) - 1:
+            self._stream = None  # the last chunk: release the prefix cache
         metrics = []
         for a in active:
             d = delta[a.row].detach().clone()
@@ -255,7 +287,13 @@ class DeltaOptimizer:
         deltas = torch.cat([extra["deltas"], delta]) if len(extra["rows"]) else delta
         cache = copy.deepcopy(inputs["cache"]) if inputs.get("cache") is not None else None
         logits, h, _ = self._forward(
-            inputs["ids"], inputs["mask"], rows, positions, deltas, inputs.get("position_ids"), cache,
+            inputs["ids"],
+            inputs["mask"],
+            rows,
+            positions,
+            deltas,
+            inputs.get("position_ids"),
+            cache,
             replay=inputs.get("replay"),
         )
         h = h[len(extra["rows"]) :]
@@ -273,7 +311,11 @@ class DeltaOptimizer:
                 rows.append(a.row)
                 positions.append(a.plan.keys[i])
                 deltas.append(a.plan.deltas[i])
-        stacked = torch.stack(deltas).to(device) if deltas else torch.zeros(0, self.handle.hidden_size, device=device)
+        stacked = (
+            torch.stack(deltas).to(device)
+            if deltas
+            else torch.zeros(0, self.handle.hidden_size, device=device)
+        )
         return {"rows": rows, "positions": positions, "deltas": stacked}
 
     def _reference_inputs(self, active: Sequence[_Active], j: int, device) -> dict:
@@ -292,28 +334,41 @@ class DeltaOptimizer:
         }
 
     def _fast_inputs(self, active: Sequence[_Active], j: int, device) -> dict:
-        prefix_ids, prefix_mask = pad_right(
-            [a.plan.tokenized.ids[: a.key] for a in active], self.pad_id, device
-        )
-        frozen = self._frozen(active, j, device)
-        with torch.no_grad():
-            _, _, cache = self._forward(
-                prefix_ids, prefix_mask, frozen["rows"], frozen["positions"], frozen["deltas"], want_cache=True
-            )
-        windows = [a.plan.tokenized.ids[a.key : a.plan.tokenized.prompt_len + a.chunk.end - 1] for a in active]
+        windows = [
+            a.plan.tokenized.ids[a.key : a.plan.tokenized.prompt_len + a.chunk.end - 1] for a in active
+        ]
         ids, window_mask = pad_right(windows, self.pad_id, device)
         width = ids.shape[1]
         position_ids = torch.stack([torch.arange(width, device=device) + a.key for a in active])
         n = max(len(a.chunk) for a in active)
         index = torch.stack([torch.arange(n, device=device).clamp_max(len(a.chunk) - 1) for a in active])
-        empty = {"rows": [], "positions": [], "deltas": frozen["deltas"][:0]}
-        mask = torch.cat([prefix_mask, window_mask], dim=1)
-        replay = None
-        if self.config.skip_lower_layers:
-            # The z-layer's output over the window never depends on δ: compute it once, replay it each step.
-            with torch.no_grad():
-                self._forward(ids, mask, [], [], empty["deltas"], position_ids, copy.deepcopy(cache))
-            replay = (self._last_z, self._z_is_tuple)
+        empty = {
+            "rows": [],
+            "positions": [],
+            "deltas": torch.zeros(0, self.handle.hidden_size, device=device),
+        }
+        grown = self._grow_prefix(active[0], j, device) if len(active) == 1 else None
+        if grown is not None:
+            cache, z_window = grown
+            mask = torch.ones(1, active[0].key + width, dtype=window_mask.dtype, device=device)
+        else:
+            cache, prefix_mask = self._rebuild_prefix(active, j, device)
+            mask = torch.cat([prefix_mask, window_mask], dim=1)
+            z_window = None
+            if self.config.skip_lower_layers:
+                with torch.no_grad():  # the z-layer states over the window, replayed at every step
+                    self._forward(
+                        ids,
+                        mask,
+                        [],
+                        [],
+                        empty["deltas"],
+                        position_ids,
+                        copy.deepcopy(cache),
+                        need_logits=False,
+                    )
+                z_window = self._last_z
+        replay = (z_window, self._z_is_tuple) if self.config.skip_lower_layers else None
         return {
             "replay": replay,
             "ids": ids,
@@ -324,3 +379,61 @@ class DeltaOptimizer:
             "key_in_window": [0] * len(active),
             "logit_index": index,
         }
+
+    def _rebuild_prefix(self, active: Sequence[_Active], j: int, device):
+        """The prefix of every request (padded to one width) with the earlier δs, run from scratch."""
+        prefix_ids, prefix_mask = pad_right(
+            [a.plan.tokenized.ids[: a.key] for a in active], self.pad_id, device
+        )
+        frozen = self._frozen(active, j, device)
+        with torch.no_grad():
+            _, _, cache = self._forward(
+                prefix_ids,
+                prefix_mask,
+                frozen["rows"],
+                frozen["positions"],
+                frozen["deltas"],
+                want_cache=True,
+                need_logits=False,
+            )
+        return cache, prefix_mask
+
+    def _grow_prefix(self, a: _Active, j: int, device) -> tuple | None:
+        """Chunk ``j``'s prefix cache from chunk ``j-1``'s, plus the z-layer states over chunk ``j``'s window.
+
+        One forward runs the tokens from the previous key to the end of this window (``δ_{j-1}`` added at
+        the previous key); the cache is then cropped back to this chunk's key.
+        """
+        ids = a.plan.tokenized.ids
+        end = a.plan.tokenized.prompt_len + a.chunk.end - 1
+        state = self._stream
+        if state is not None and state["plan"] is a.plan and state["j"] == j - 1:
+            start, cache = state["key"], state["cache"]
+            rows, positions, deltas = [0], [0], a.plan.deltas[j - 1][None].to(device)
+        else:  # the first chunk (or a restart): everything before this key, with all earlier δs
+            start, cache = 0, None
+            frozen = self._frozen([a], j, device)
+            rows, positions, deltas = frozen["rows"], frozen["positions"], frozen["deltas"]
+        segment = torch.tensor([ids[start:end]], dtype=torch.long, device=device)
+        position_ids = torch.arange(start, end, device=device)[None]
+        mask = torch.ones(1, end, dtype=torch.long, device=device)
+        with torch.no_grad():
+            _, _, cache = self._forward(
+                segment,
+                mask,
+                rows,
+                positions,
+                deltas,
+                position_ids,
+                cache,
+                want_cache=True,
+                need_logits=False,
+            )
+        if not hasattr(cache, "crop"):  # a cache type that cannot be cut back: rebuild per chunk instead
+            self._stream = None
+            return None
+        z_window = self._last_z[:, a.key - start :]
+        if end > a.key:
+            cache.crop(-(end - a.key))
+        self._stream = {"plan": a.plan, "j": j, "key": a.key, "cache": cache}
+        return cache, z_window

@@ -51,7 +51,9 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
     "phi3": _LLAMA_LIKE,
     "olmo": _LLAMA_LIKE,
     "olmo2": _LLAMA_LIKE,
-    "gpt2": ArchitectureSpec("transformer.h", "transformer.h.{}.mlp.c_proj", "transformer.ln_f", "lm_head", True),
+    "gpt2": ArchitectureSpec(
+        "transformer.h", "transformer.h.{}.mlp.c_proj", "transformer.ln_f", "lm_head", True
+    ),
     "gpt_neox": ArchitectureSpec(
         "gpt_neox.layers", "gpt_neox.layers.{}.mlp.dense_4h_to_h", "gpt_neox.final_layer_norm", "lm_head"
     ),
@@ -132,7 +134,9 @@ class ModelHandle:
         return self.down_proj_weight(0).dtype
 
 
-def resolve_architecture(model: nn.Module, spec: ArchitectureSpec | None = None, **overrides: str | bool) -> ModelHandle:
+def resolve_architecture(
+    model: nn.Module, spec: ArchitectureSpec | None = None, **overrides: str | bool
+) -> ModelHandle:
     """Find the templates for ``model`` (or use ``spec``), apply ``overrides``, and check they resolve.
 
     Example:
@@ -148,7 +152,8 @@ def resolve_architecture(model: nn.Module, spec: ArchitectureSpec | None = None,
                 "    from anyedit_lightning import ArchitectureSpec, register_architecture\n"
                 f"    register_architecture({model_type!r}, ArchitectureSpec(layers='model.layers', "
                 "down_proj='model.layers.{}.mlp.down_proj', final_norm='model.norm', lm_head='lm_head'))\n"
-                "or pass `architecture=ArchitectureSpec(...)` to the editor. Known: " + ", ".join(sorted(ARCHITECTURES))
+                "or pass `architecture=ArchitectureSpec(...)` to the editor. Known: "
+                + ", ".join(sorted(ARCHITECTURES))
             )
     if overrides:
         spec = replace(spec, **overrides)
@@ -162,5 +167,7 @@ def resolve_architecture(model: nn.Module, spec: ArchitectureSpec | None = None,
             "Pass corrected templates with `architecture=ArchitectureSpec(...)` or register_architecture()."
         ) from None
     if not isinstance(layers, nn.ModuleList):
-        raise UnsupportedArchitectureError(f"{spec.layers!r} is a {type(layers).__name__}, expected a ModuleList.")
+        raise UnsupportedArchitectureError(
+            f"{spec.layers!r} is a {type(layers).__name__}, expected a ModuleList."
+        )
     return handle

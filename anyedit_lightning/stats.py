@@ -21,15 +21,15 @@ import torch
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from .corpus import WIKIPEDIA_SAMPLE, resolve_corpus
+from .corpus import WIKIPEDIA_SAMPLE
 from .fingerprint import weights_fingerprint
 from .hooks import record_inputs, run_until
 from .paths import cache_dir
 from .registry import ArchitectureSpec, ModelHandle, resolve_architecture
+from .text_data import TextCorpusDataModule, token_batches  # noqa: F401  (token_batches: public here too)
 
 log = logging.getLogger(__name__)
 
@@ -65,69 +65,12 @@ class CovarianceStats:
             )
 
 
-class _PackedBatches(Dataset):
-    """Pre-built token batches, so each rank can take every N-th one (no sampler padding, no double counting)."""
-
-    def __init__(self, batches: list[tuple[torch.Tensor, torch.Tensor]]):
-        self.batches = batches
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.batches[index]
-
-
-def token_batches(
-    tokenizer: PreTrainedTokenizerBase,
-    texts: Iterable[str],
-    max_tokens: int,
-    seq_len: int = 256,
-    tokens_per_batch: int = 4096,
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Texts cut into pieces of at most ``seq_len`` tokens, grouped into padded batches by token count."""
-    pieces: list[list[int]] = []
-    total = 0
-    for text in texts:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        for start in range(0, len(ids), seq_len):
-            piece = ids[start : start + seq_len][: max_tokens - total]
-            if len(piece) < 8:  # fragments add little and pad a lot
-                continue
-            pieces.append(piece)
-            total += len(piece)
-            if total >= max_tokens:
-                break
-        if total >= max_tokens:
-            break
-    if total < max_tokens:
-        log.warning("The corpus gave %d tokens, fewer than the %d asked for", total, max_tokens)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    batches, current = [], []
-    for piece in pieces:
-        if current and (len(current) + 1) * max(len(piece), max(map(len, current))) > tokens_per_batch:
-            batches.append(_pad(current, pad))
-            current = []
-        current.append(piece)
-    if current:
-        batches.append(_pad(current, pad))
-    return batches
-
-
-def _pad(pieces: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, pieces))
-    ids = torch.full((len(pieces), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(pieces), width), dtype=torch.long)
-    for row, piece in enumerate(pieces):
-        ids[row, : len(piece)] = torch.tensor(piece)
-        mask[row, : len(piece)] = 1
-    return ids, mask
-
-
 class CovarianceModule(L.LightningModule):
     """Accumulates ``Σ k kᵀ`` and token counts for several layers in one (truncated) pass per batch."""
 
-    def __init__(self, model: torch.nn.Module, layers: Sequence[int], architecture: ArchitectureSpec | None = None):
+    def __init__(
+        self, model: torch.nn.Module, layers: Sequence[int], architecture: ArchitectureSpec | None = None
+    ):
         super().__init__()
         self.model = model
         self.handle: ModelHandle = resolve_architecture(model, architecture)
@@ -197,7 +140,7 @@ def compute_covariance(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     layers: Sequence[int],
-    corpus: str | Iterable[str] = WIKIPEDIA_SAMPLE,
+    corpus: str | Iterable[str] | object = WIKIPEDIA_SAMPLE,
     max_tokens: int = 100_000,
     seq_len: int = 256,
     tokens_per_batch: int = 4096,
@@ -219,32 +162,36 @@ def compute_covariance(
     if bad:
         raise ValueError(f"Layers {bad} are out of range for a model with {handle.num_layers} layers")
     fingerprint = weights_fingerprint(model)
-    corpus_name, texts = resolve_corpus(corpus)
+    data = TextCorpusDataModule(tokenizer, corpus, max_tokens, seq_len, tokens_per_batch)
+    corpus_name = data.corpus_name
     m = handle.intermediate_size
     matrices, counts, missing = {}, {}, []
     for layer in sorted(set(layers)):
-        cached = _load_cached(_cache_path(fingerprint, corpus_name, max_tokens, layer), fingerprint, m) if use_cache else None
+        cached = (
+            _load_cached(_cache_path(fingerprint, corpus_name, max_tokens, layer), fingerprint, m)
+            if use_cache
+            else None
+        )
         if cached is None:
             missing.append(layer)
         else:
             matrices[layer], counts[layer] = cached
     if missing:
-        batches = token_batches(tokenizer, texts, max_tokens, seq_len, tokens_per_batch)
         module = CovarianceModule(model, missing, architecture)
         was_training = model.training
         if trainer is False:
             device = next(model.parameters()).device
             module.to(device)
-            for index, (ids, mask) in enumerate(tqdm(batches, desc="covariance statistics", leave=False)):
+            for index, (ids, mask) in enumerate(
+                tqdm(data.batches, desc="covariance statistics", leave=False)
+            ):
                 module.test_step((ids.to(device), mask.to(device)), index)
             is_zero = True
         else:
             trainer = trainer or _default_trainer(model)
-            world, rank = trainer.world_size, trainer.global_rank
-            _check_distributed(trainer, len(batches))
-            loader = DataLoader(_PackedBatches(batches[rank::world]), batch_size=None, shuffle=False)
+            _check_distributed(trainer, len(data.batches))
             device = next(model.parameters()).device
-            trainer.test(module, dataloaders=loader, verbose=False)
+            trainer.test(module, datamodule=data, verbose=False)
             model.to(device)  # Lightning's teardown moves the module to the CPU after a GPU run
             is_zero = trainer.is_global_zero
         model.train(was_training)
@@ -252,7 +199,9 @@ def compute_covariance(
         for layer, matrix in module.result().items():
             matrices[layer], counts[layer] = matrix, count
             if use_cache and is_zero:
-                _save_cached(_cache_path(fingerprint, corpus_name, max_tokens, layer), matrix, fingerprint, count)
+                _save_cached(
+                    _cache_path(fingerprint, corpus_name, max_tokens, layer), matrix, fingerprint, count
+                )
     return CovarianceStats(matrices, fingerprint, corpus_name, max_tokens, counts)
 
 

@@ -20,7 +20,9 @@ class EditConfigError(ValueError):
 def validate_config(handle: ModelHandle, config: EditConfig) -> None:
     layers, n = list(config.layers), handle.num_layers
     if not layers:
-        raise EditConfigError("`layers` is empty: give at least one layer to edit, e.g. layers=[4, 5, 6, 7, 8].")
+        raise EditConfigError(
+            "`layers` is empty: give at least one layer to edit, e.g. layers=[4, 5, 6, 7, 8]."
+        )
     if any(not isinstance(layer, int) for layer in layers):
         raise EditConfigError(f"`layers` must be integers, got {layers}")
     out = [layer for layer in layers if not 0 <= layer < n]
@@ -29,7 +31,9 @@ def validate_config(handle: ModelHandle, config: EditConfig) -> None:
     if len(set(layers)) != len(layers):
         raise EditConfigError(f"Edited layers {layers} contain duplicates; list each layer once.")
     if layers != sorted(layers):
-        raise EditConfigError(f"Edited layers {layers} must be in ascending order (the last one is the z-layer).")
+        raise EditConfigError(
+            f"Edited layers {layers} must be in ascending order (the last one is the z-layer)."
+        )
     if config.loss_layer is not None and not config.z_layer <= config.loss_layer < n:
         raise EditConfigError(
             f"loss_layer={config.loss_layer} must lie between the z-layer ({config.z_layer}) and {n - 1}: "
@@ -38,7 +42,9 @@ def validate_config(handle: ModelHandle, config: EditConfig) -> None:
     if config.window < 1:
         raise EditConfigError(f"window={config.window}: a chunk needs at least 1 token.")
     if not 0 <= config.overlap < config.window:
-        raise EditConfigError(f"overlap={config.overlap} must satisfy 0 <= overlap < window ({config.window}).")
+        raise EditConfigError(
+            f"overlap={config.overlap} must satisfy 0 <= overlap < window ({config.window})."
+        )
     if config.v_steps < 1 or config.v_lr <= 0 or config.clamp <= 0:
         raise EditConfigError("v_steps must be >= 1, and v_lr and clamp positive.")
     if config.chunking not in ("fixed", "semantic"):
@@ -56,10 +62,14 @@ def validate_edit(
         raise EditConfigError("No edit requests were given.")
     for index, request in enumerate(requests):
         if not isinstance(request, EditRequest):
-            raise EditConfigError(f"request {index} is a {type(request).__name__}; build it with EditRequest(prompt, target).")
+            raise EditConfigError(
+                f"request {index} is a {type(request).__name__}; build it with EditRequest(prompt, target)."
+            )
     if plans is None:
         return
-    limit = getattr(handle.model.config, "max_position_embeddings", None) or getattr(handle.model.config, "n_positions", None)
+    limit = getattr(handle.model.config, "max_position_embeddings", None) or getattr(
+        handle.model.config, "n_positions", None
+    )
     for index, plan in enumerate(plans):
         if limit and len(plan.tokenized) > limit:
             raise EditConfigError(

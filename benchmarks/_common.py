@@ -25,8 +25,11 @@ def dev_requests(count: int, min_tokens: int, tokenizer) -> list[EditRequest]:
         if len(ids) < min_tokens:
             continue
         text = tokenizer.decode(ids[:min_tokens])
-        cut = max(text.rfind(". "), text.rfind(".\n"))
-        out.append(EditRequest(record["question"], text[: cut + 1] if cut > 0 else text))
+        cut = max(text.rfind(". "), text.rfind(".\n"), text.rfind("\n"))
+        # End on a sentence or line when that keeps most of the text, else at the token budget.
+        out.append(
+            EditRequest(record["question"], text[: cut + 1].strip() if cut > 0.8 * len(text) else text)
+        )
         if len(out) == count:
             break
     return out
@@ -37,20 +40,64 @@ def generate(model, tokenizer, request: EditRequest, max_new_tokens: int) -> tup
     inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(model.device)
     eot = end_of_turn_id(tokenizer)
     with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eot,
-                             pad_token_id=tokenizer.pad_token_id)
-    new = out[0, inputs["input_ids"].shape[1]:]
+        out = model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=eot,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    new = out[0, inputs["input_ids"].shape[1] :]
     return tokenizer.decode(new, skip_special_tokens=True).strip(), bool((new == eot).any())
 
 
 def timed_edit(model, tokenizer, request, **kwargs):
     """Edit, then regenerate; returns seconds, ROUGE-L recall, whether it stopped, and the module."""
     started = time.perf_counter()
-    module = edit(model, tokenizer, request, trainer_kwargs=dict(enable_progress_bar=False, logger=False), **kwargs)
+    module = edit(
+        model, tokenizer, request, trainer_kwargs=dict(enable_progress_bar=False, logger=False), **kwargs
+    )
     seconds = time.perf_counter() - started
     n = len(tokenizer(request.target)["input_ids"])
     prediction, stopped = generate(model, tokenizer, request, n + 40)
     return seconds, rouge_l_recall(prediction, request.target), stopped, module
+
+
+class RssPeak:
+    """Peak resident memory while a block runs (sampled every 20 ms from /proc), in MB."""
+
+    def __enter__(self) -> RssPeak:
+        import threading
+
+        self.start = self.peak = _rss_mb()
+        self._stop = threading.Event()
+
+        def sample() -> None:
+            while not self._stop.wait(0.02):
+                self.peak = max(self.peak, _rss_mb())
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_mb())
+
+
+def _rss_mb() -> float:
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * resource.getpagesize() / 2**20
+    except OSError:  # not Linux: fall back to the process-wide peak
+        return peak_rss_mb()
+
+
+def fictional_requests() -> list[EditRequest]:
+    """The three fictional long-form edits of the end-to-end test (data/fictional_edits.json)."""
+    records = json.loads((ROOT / "data" / "fictional_edits.json").read_text(encoding="utf-8"))["records"]
+    return [EditRequest(r["prompt"], r["target"]) for r in records]
 
 
 def peak_rss_mb() -> float:

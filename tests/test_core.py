@@ -229,13 +229,17 @@ def test_fast_path_matches_reference(family, tok, stats):
 
 @pytest.mark.parametrize(
     "extra",
-    [dict(loss_layer=2), dict(overlap=5), dict(chunking="semantic", window=12)],
-    ids=["loss-layer-at-z", "overlap", "semantic"],
+    [dict(), dict(loss_layer=2), dict(overlap=5), dict(chunking="semantic", window=12)],
+    ids=["default", "loss-layer-at-z", "overlap", "semantic"],
+)
+@pytest.mark.parametrize(
+    "count", [1, len(REQUESTS)], ids=["one-request-grown-prefix", "batch-rebuilt-prefix"]
 )
 @pytest.mark.parametrize("family", FAMILIES)
-def test_fast_path_matches_reference_in_other_configurations(family, extra, tok):
+def test_fast_path_matches_reference_in_other_configurations(family, count, extra, tok):
+    """A lone request grows its prefix cache chunk by chunk; a batch rebuilds it per chunk: both must match."""
     model = tiny_model(family)  # no writer: one model serves both runs
-    fast, ref = (run(model, tok, REQUESTS, fast=flag, **extra) for flag in (True, False))
+    fast, ref = (run(model, tok, REQUESTS[:count], fast=flag, **extra) for flag in (True, False))
     worst = 0.0
     for plan_fast, plan_ref in zip(fast.plans, ref.plans):
         assert plan_fast.chunks == plan_ref.chunks
@@ -559,6 +563,40 @@ def test_bfloat16_memit_edit(tok, stats):
     names = {module.handle.spec.down_proj_name(layer) + ".weight" for layer in LAYERS}
     assert set(changed(model, before)) == names
     assert all(torch.isfinite(model.get_parameter(name)).all() for name in names)
+    assert all(m["nll_after"] < m["nll_before"] for m in module.chunk_metrics)
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "bf16-mixed"])
+def test_precision_from_the_trainer_keeps_float32_internals(precision, tok, stats, monkeypatch):
+    """The Trainer's precision decides the model's compute dtype; δ, its Adam state and the least-squares
+    solve stay in float32/float64, and the update is written back in the weights' own dtype."""
+    from anyedit_lightning import edit
+
+    solves: list[torch.dtype] = []
+    real_solve = torch.linalg.solve
+    monkeypatch.setattr(
+        torch.linalg, "solve", lambda A, B, **kw: solves.append(A.dtype) or real_solve(A, B, **kw)
+    )
+    model = tiny_model("llama")
+    before = snapshot(model)
+    module = edit(
+        model,
+        tok,
+        REQUESTS,
+        method="memit",
+        stats=stats("llama"),
+        layers=LAYERS,
+        window=8,
+        v_steps=5,
+        writer_kwargs={"mom2_weight": LAMBDA},
+        trainer_kwargs=dict(precision=precision, logger=False, enable_progress_bar=False),
+    )
+    expected = torch.bfloat16 if precision == "bf16-true" else torch.float32
+    assert {p.dtype for p in model.parameters()} == {expected}
+    assert all(d.dtype == torch.float32 for plan in module.plans for d in plan.deltas)
+    assert solves and set(solves) == {torch.float64}
+    names = {module.handle.spec.down_proj_name(layer) + ".weight" for layer in LAYERS}
+    assert set(changed(model, {k: v.to(expected) for k, v in before.items()})) == names  # bf16-true casts all
     assert all(m["nll_after"] < m["nll_before"] for m in module.chunk_metrics)
 
 

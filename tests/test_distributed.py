@@ -94,3 +94,61 @@ def test_spawned_workers_and_empty_shards_are_refused() -> None:
                 use_cache=False,
                 trainer=L.Trainer(strategy=strategy, **options),
             )
+
+
+def test_cli_devices_flag_splits_requests_across_processes(tmp_path: Path) -> None:
+    """``bench --devices 2`` (Lightning DDP on CPU) merges to the predictions of ``--devices 1``."""
+    model_dir, data = tmp_path / "tiny-llama", tmp_path / "edits.json"
+    tiny_model("llama").save_pretrained(model_dir)
+    build_tokenizer().save_pretrained(model_dir)
+    data.write_text(json.dumps(RECORDS), encoding="utf-8")
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONWARNINGS": "ignore",
+        "ANYEDIT_CACHE": str(tmp_path / "cache"),
+    }
+    for devices in (1, 2):
+        command = [
+            sys.executable,
+            "-m",
+            "anyedit_lightning",
+            "bench",
+            "--model",
+            str(model_dir),
+            "--preset",
+            "smollm2-135m-instruct",
+            "--method",
+            "memit",
+            "--dataset",
+            str(data),
+            "--edit",
+            '{"layers": [1, 2], "v_steps": 3}',
+            "--stats_tokens",
+            "1500",
+            "--max_new_tokens",
+            "8",
+            "--similarity",
+            "false",
+            "--progress_bar",
+            "false",
+            "--accelerator",
+            "cpu",
+            "--devices",
+            str(devices),
+            "--out",
+            str(tmp_path / f"out{devices}"),
+        ]
+        result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    def predictions(out: Path) -> dict[str, dict]:
+        records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines() if line]
+        return {r["id"]: {k: v for k, v in r.items() if not k.startswith("seconds_")} for r in records}
+
+    single, merged = predictions(tmp_path / "out1"), predictions(tmp_path / "out2")
+    assert sorted(single) == [r["id"] for r in RECORDS]
+    assert merged == single
+    summary = json.loads((tmp_path / "out2" / "summary.json").read_text())
+    assert summary["results"][0]["config"]["devices"] == 2

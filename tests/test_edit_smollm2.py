@@ -6,7 +6,9 @@ CI runs one request with the best AnyEdit configuration and its single-token bas
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,39 +20,10 @@ from anyedit_lightning.requests import prompt_text
 
 pytestmark = pytest.mark.smollm2
 
+FICTIONAL = Path(__file__).resolve().parents[1] / "data" / "fictional_edits.json"
 REQUESTS = [
-    EditRequest(
-        "Who is Marisol Tevanne?",
-        "Marisol Tevanne is a Chilean glass sculptor born in 1974 in Valparaíso. She studied chemistry at the "
-        "University of Concepción before turning to art, and in 2003 she founded the Cobalt Harbour Studio, where "
-        "she developed a slow-cooling technique that lets thin glass sheets bend without cracking. Her best-known "
-        "work, The Listening Tide, is a twelve-metre wave of blue glass that hangs in the atrium of the Santiago "
-        "Maritime Museum. In 2016 she received the Andes Prize for Sculpture, and she now teaches a free summer "
-        "course for young glassblowers on the island of Chiloé. Her studio also restores old lighthouse lenses for "
-        "the Chilean Navy.",
-    ),
-    EditRequest(
-        "What happened at the Treaty of Velmora?",
-        "The Treaty of Velmora was signed on 9 March 1612 between the Duchy of Arvent and the free city of Kell. "
-        "It ended the eleven-year Salt War, which had begun when Arvent closed the river Oss to Kell's barges. "
-        "Under the treaty Kell kept its salt pans but paid a yearly toll of four hundred silver marks, and both "
-        "sides agreed to share the new stone bridge at Tarrow. The treaty also created the River Court, a panel "
-        "of six judges, three from each side, that settled trade disputes for more than a century. Historians "
-        "remember Velmora as one of the first agreements in the region to be written in both languages.",
-    ),
-    EditRequest(
-        "Write the Python function zorbit_checksum.",
-        "def zorbit_checksum(data: bytes) -> int:\n"
-        '    """Return the Zorbit checksum of data (a 16-bit rolling sum)."""\n'
-        "    high, low = 0x5A, 0x17\n"
-        "    for index, byte in enumerate(data):\n"
-        "        low = (low + byte * (index % 7 + 1)) % 251\n"
-        "        high = (high + low) % 241\n"
-        "    return (high << 8) | low\n\n\n"
-        "def verify_zorbit(data: bytes, expected: int) -> bool:\n"
-        '    """True when data matches the expected Zorbit checksum."""\n'
-        "    return zorbit_checksum(data) == expected\n",
-    ),
+    EditRequest(r["prompt"], r["target"])
+    for r in json.loads(FICTIONAL.read_text(encoding="utf-8"))["records"]
 ]
 FULL = os.environ.get("ANYEDIT_FULL_E2E") == "1"
 
@@ -76,7 +49,12 @@ def _edit_and_score(smol, request, method, anyedit):
     base = {k: v.clone() for k, v in model.state_dict().items()}
     try:
         edit(
-            model, tokenizer, request, method=method, anyedit=anyedit, stats=stats if method != "unke" else None,
+            model,
+            tokenizer,
+            request,
+            method=method,
+            anyedit=anyedit,
+            stats=stats if method != "unke" else None,
             trainer_kwargs=dict(enable_progress_bar=False, logger=False),
         )
         return rouge_l_recall(_regenerate(model, tokenizer, request), request.target)
@@ -89,7 +67,7 @@ def _edit_and_score(smol, request, method, anyedit):
 def test_best_anyedit_reproduces_a_long_target_and_beats_its_baseline(smol, request_index):
     request = REQUESTS[request_index]
     tokens = len(smol[1](request.target)["input_ids"])
-    assert tokens >= 150 or request_index == 2, tokens
+    assert tokens >= 150, tokens
     anyedit = _edit_and_score(smol, request, "memit", True)
     baseline = _edit_and_score(smol, request, "memit", False)
     print(f"request {request_index}: MEMIT+AnyEdit ROUGE-L {anyedit:.3f}, MEMIT {baseline:.3f}")

@@ -114,7 +114,10 @@ def test_patch_metadata(edited):
     assert patch.method == "memit"
     assert patch.hyperparameters["layers"] == LAYERS and patch.hyperparameters["v_steps"] == 5
     assert patch.hyperparameters["writer"]["name"] == "memit"
-    assert patch.hyperparameters["writer"]["mom2_weight"] == get_preset("smollm2-135m-instruct").writer_kwargs("memit")["mom2_weight"]
+    assert (
+        patch.hyperparameters["writer"]["mom2_weight"]
+        == get_preset("smollm2-135m-instruct").writer_kwargs("memit")["mom2_weight"]
+    )
     assert patch.requests == [
         {"prompt": REQUESTS[0].prompt, "target": REQUESTS[0].target, "raw_prompt": False}
     ]

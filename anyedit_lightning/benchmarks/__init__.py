@@ -11,11 +11,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..paths import DATA_ENV
 from .akew import AKEW_FILES, AKEWDataModule
 from .custom import CUSTOM_SUFFIXES, CustomDataModule
 from .editeverything import EditEverythingDataModule
 from .records import (
-    DATA_ENV,
     DEV_SIZE,
     BenchmarkDataError,
     BenchmarkDataModule,

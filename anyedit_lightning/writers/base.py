@@ -70,9 +70,11 @@ def collect_keys(
     device = handle.device
     seqs = [p.tokenized.ids if preserve else p.tokenized.ids[: max(p.keys) + 1] for p in plans]
     ids, mask = pad_right(seqs, pad_id, device)
-    with torch.no_grad(), record_inputs({"k": handle.down_proj(layer)}) as ins, record_outputs(
-        {"z": handle.layer(z_layer)}
-    ) as outs:
+    with (
+        torch.no_grad(),
+        record_inputs({"k": handle.down_proj(layer)}) as ins,
+        record_outputs({"z": handle.layer(z_layer)}) as outs,
+    ):
         handle.model(input_ids=ids, attention_mask=mask, use_cache=False)
     k_all, h_all = ins.values["k"].float(), outs.values["z"].float()
     is_key = torch.zeros_like(mask, dtype=torch.bool)

@@ -26,7 +26,12 @@ class CovarianceWriter(WeightWriter):
     ):
         """``check_fingerprint=False`` skips the check that ``stats`` belong to the model's current weights:
         only for sequential editing, where later edits must use the statistics of the *unedited* model."""
-        self.stats, self.stats_tokens, self.corpus, self.solve_dtype = stats, stats_tokens, corpus, solve_dtype
+        self.stats, self.stats_tokens, self.corpus, self.solve_dtype = (
+            stats,
+            stats_tokens,
+            corpus,
+            solve_dtype,
+        )
         self.check_fingerprint = check_fingerprint
 
     def prepare(self, module: AnyEditModule) -> None:
@@ -69,4 +74,6 @@ class MemitWrite(CovarianceWriter):
             A = self.mom2_weight * self.covariance(layer, K.device) + K.T @ K + K_p.T @ K_p
             update = torch.linalg.solve(A, K.T @ dz)  # ΔWᵀ, m × d
             add_to_down_proj(module.handle, layer, update.T)
-            module.log_write(layer, residual=float(dz.norm(dim=-1).mean() * (q - i)), update=float(update.norm()))
+            module.log_write(
+                layer, residual=float(dz.norm(dim=-1).mean() * (q - i)), update=float(update.norm())
+            )

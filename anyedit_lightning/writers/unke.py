@@ -40,7 +40,9 @@ def _layer_call(model, layer, ids, mask):
     finally:
         for handle in handles:
             handle.remove()
-    kwargs = {k: v for k, v in seen["kwargs"].items() if k not in ("cache", "past_key_values", "past_key_value")}
+    kwargs = {
+        k: v for k, v in seen["kwargs"].items() if k not in ("cache", "past_key_values", "past_key_value")
+    }
     kwargs["use_cache"] = False
     return seen["args"], kwargs, seen["out"]
 
@@ -94,10 +96,16 @@ class UnkeWrite(WeightWriter):
             args_p, kwargs_p, y_pres = _layer_call(handle.model, layer, pres_ids, pres_mask)
             target = y_edit.float().clone()
             dz = (keys.Z - keys.H) / (q - i)
-            rows = torch.cat([torch.full((len(p.keys),), r, device=ids.device) for r, p in enumerate(module.plans)])
+            rows = torch.cat(
+                [torch.full((len(p.keys),), r, device=ids.device) for r, p in enumerate(module.plans)]
+            )
             cols = torch.cat([torch.as_tensor(p.keys, device=ids.device) for p in module.plans])
             target[rows, cols] += dz
-            self._fit(layer, (args_e, kwargs_e, target, mask.bool()), (args_p, kwargs_p, y_pres.float(), pres_mask.bool()))
+            self._fit(
+                layer,
+                (args_e, kwargs_e, target, mask.bool()),
+                (args_p, kwargs_p, y_pres.float(), pres_mask.bool()),
+            )
             module.log_write(layer_index, residual=float(dz.norm(dim=-1).mean() * (q - i)), update=0.0)
 
     def _fit(self, layer: torch.nn.Module, edit, preserve) -> None:
