@@ -147,6 +147,8 @@ class DeltaOptimizer:
         params = inspect.signature(self.model.forward).parameters
         self._keep_kw = "logits_to_keep" if "logits_to_keep" in params else None
         self._stream: dict | None = None  # the single-request prefix cache, grown chunk by chunk
+        # δ, its Adam state and the loss: float32 for half-precision models, float64 for float64 ones.
+        self.dtype = torch.promote_types(torch.float32, next(self.model.parameters()).dtype)
 
     # ---- forward passes ----
     def _forward(
@@ -172,7 +174,7 @@ class DeltaOptimizer:
             seen["z"] = hidden.detach()
             if not len(rows):
                 return hidden
-            seen["h"] = hidden[rows_t, pos_t].detach().float()
+            seen["h"] = hidden[rows_t, pos_t].detach().to(self.dtype)
             return hidden.index_put((rows_t, pos_t), deltas.to(hidden.dtype), accumulate=True)
 
         kwargs = {"input_ids": ids, "attention_mask": mask, "use_cache": want_cache}
@@ -221,9 +223,9 @@ class DeltaOptimizer:
         )
         label_ids, label_mask = pad_right([a.labels for a in active], self.pad_id, device)
 
-        # float32 whatever the model's dtype (Lightning's "16-true" precision changes the default dtype).
+        # An explicit dtype: Lightning's "16-true" precision changes the default dtype.
         delta = torch.zeros(
-            len(active), self.handle.hidden_size, dtype=torch.float32, device=device, requires_grad=True
+            len(active), self.handle.hidden_size, dtype=self.dtype, device=device, requires_grad=True
         )
         optimizer = torch.optim.Adam([delta], lr=self.config.v_lr)
         done = torch.zeros(len(active), dtype=torch.bool, device=device)
@@ -298,7 +300,7 @@ class DeltaOptimizer:
         )
         h = h[len(extra["rows"]) :]
         gather = inputs["logit_index"]  # [B, n_labels] positions whose logits predict the labels
-        picked = logits.gather(1, gather[..., None].expand(-1, -1, logits.shape[-1])).float()
+        picked = logits.gather(1, gather[..., None].expand(-1, -1, logits.shape[-1])).to(self.dtype)
         nll = F.cross_entropy(picked.transpose(1, 2), label_ids, reduction="none")
         nll = (nll * label_mask).sum(-1) / label_mask.sum(-1)
         return nll, h

@@ -27,10 +27,11 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=40)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--dtype", default="float32", help="float64 shows what rounding alone contributes")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer = load_model()
+    model, tokenizer = load_model(dtype=args.dtype)
     request = dev_requests(1, args.tokens, tokenizer)[0]
     preset = get_preset("smollm2-135m-instruct")
 

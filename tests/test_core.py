@@ -566,6 +566,15 @@ def test_bfloat16_memit_edit(tok, stats):
     assert all(m["nll_after"] < m["nll_before"] for m in module.chunk_metrics)
 
 
+def test_float64_models_optimise_delta_in_float64(tok):
+    """δ is never less precise than float32, and never less precise than the model (float64 checks
+    that the fast and reference paths agree beyond float32 rounding: benchmarks/chunk_divergence.py)."""
+    model = tiny_model("llama").double()
+    module = run(model, tok, REQUESTS[:1], v_steps=3)
+    assert all(d.dtype == torch.float64 for d in module.plans[0].deltas)
+    assert all(h.dtype == torch.float64 for h in module.plans[0].h_init)
+
+
 @pytest.mark.parametrize("precision", ["bf16-true", "bf16-mixed"])
 def test_precision_from_the_trainer_keeps_float32_internals(precision, tok, stats, monkeypatch):
     """The Trainer's precision decides the model's compute dtype; δ, its Adam state and the least-squares
