@@ -4,12 +4,14 @@ Implements AnyEdit (arXiv 2502.05628) on PyTorch Lightning, with MEMIT, AlphaEdi
 """
 
 from .api import default_trainer, edit, edit_sequentially, make_writer
+from .checks import EditConfigError, WriterConfigError
 from .chunking import Chunk, FixedWindow, Semantic
 from .config import EditConfig
+from .evaluation.edit_report import EditReport, edit_report  # evaluation side; the core never imports it
 from .fingerprint import weights_fingerprint
 from .models import EMBEDDED_MODEL, ModelLoadError, load_model
 from .module import AnyEditModule, EditRecord
-from .patch import EditPatch, save_edited_model
+from .patch import EditPatch, PatchFileError, save_edited_model
 from .presets import PRESETS, Preset, get_preset
 from .registry import (
     ArchitectureSpec,
@@ -33,13 +35,16 @@ __all__ = [
     "CovarianceModule",
     "CovarianceStats",
     "EditConfig",
+    "EditConfigError",
     "EditPatch",
     "EditRecord",
+    "EditReport",
     "EditRequest",
     "FixedWindow",
     "MemitWrite",
     "ModelLoadError",
     "PRESETS",
+    "PatchFileError",
     "Preset",
     "RequestError",
     "Semantic",
@@ -47,9 +52,11 @@ __all__ = [
     "UnkeWrite",
     "UnsupportedArchitectureError",
     "WeightWriter",
+    "WriterConfigError",
     "compute_covariance",
     "default_trainer",
     "edit",
+    "edit_report",
     "edit_sequentially",
     "get_preset",
     "load_model",

@@ -6,6 +6,7 @@ second implementation here.
 
 from __future__ import annotations
 
+import inspect
 import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
@@ -15,7 +16,9 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from transformers import PreTrainedTokenizerBase
 
+from .checks import WriterConfigError
 from .fingerprint import weights_fingerprint
+from .interrupts import call_trainer
 from .module import AnyEditModule
 from .patch import EditPatch
 from .presets import get_preset
@@ -35,9 +38,27 @@ def make_writer(
         raise ValueError(
             f"Unknown method {method!r}; choose one of {sorted(WRITERS)} or pass writer=<a WeightWriter>."
         )
+    accepted = _writer_settings(WRITERS[method])
+    unknown = sorted(set(kwargs) - accepted)
+    if unknown:
+        raise WriterConfigError(
+            f"The {method} writer has no setting(s) {unknown}; its settings are {sorted(accepted)}."
+        )
     if method == "unke":
         return UnkeWrite(**kwargs)
     return WRITERS[method](stats=stats, stats_tokens=stats_tokens, **kwargs)
+
+
+def _writer_settings(cls: type) -> set[str]:
+    """Keyword names accepted by ``cls.__init__`` and the ``__init__`` of the classes it forwards to."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None or klass is WeightWriter or not issubclass(klass, WeightWriter):
+            continue
+        params = inspect.signature(init).parameters.values()
+        names |= {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+    return names - {"self"}
 
 
 def default_trainer(
@@ -93,7 +114,7 @@ def edit(
     module = AnyEditModule(model, tokenizer, requests, config, architecture)
     trainer = default_trainer(model, [writer], **(trainer_kwargs or {}))
     device = next(model.parameters()).device
-    trainer.fit(module)
+    call_trainer(trainer.fit, module)  # an interrupt arrives as KeyboardInterrupt, weights restored
     model.to(device)  # Lightning's teardown moves the module to the CPU after a GPU fit
     if module.edit_record is None:
         raise RuntimeError("The edit did not complete (the Trainer stopped before the write).")

@@ -1,4 +1,4 @@
-"""Splitting a target into chunks (AnyEdit step 1, ALGORITHM.md §2).
+"""Splitting a target into chunks (AnyEdit step 1, docs/algorithm.md §2).
 
 A chunk is a half-open range ``[start, end)`` of target-token indices. Each chunk is written through
 the hidden state of its key token, the token just before ``start``.
@@ -67,7 +67,7 @@ _SENTENCE_ENDS = (".", "!", "?", ";", ":", "。", "！", "？")
 
 @dataclass(frozen=True)
 class Semantic:
-    """Chunks that end at sentence or line ends, merged up to ``size`` tokens (ALGORITHM.md §2).
+    """Chunks that end at sentence or line ends, merged up to ``size`` tokens (docs/algorithm.md §2).
 
     A boundary follows a token that contains a newline, or that ends a sentence (``.!?;:``) when the
     next token starts with whitespace (a line break after a sentence end moves the boundary after the
@@ -115,5 +115,5 @@ class Semantic:
 
 
 def key_positions(prompt_len: int, chunks: Sequence[Chunk]) -> list[int]:
-    """Absolute position of each chunk's key token: the token right before the chunk (ALGORITHM.md §3)."""
+    """Absolute position of each chunk's key token: the token right before the chunk (docs/algorithm.md §3)."""
     return [prompt_len + chunk.start - 1 for chunk in chunks]

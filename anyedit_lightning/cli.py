@@ -83,11 +83,24 @@ def _describe(row: dict[str, Any]) -> str:
 
     seconds = row.get("seconds_per_edit")
     stopped = row.get("stopped")
+    faithful = row.get("faithfulness") or {}
+
+    def fmt(key: str, scale: float = 100.0, digits: int = 1) -> str:
+        value = faithful.get(key)
+        return "–" if value is None else f"{scale * value:.{digits}f}"
+
+    extra = (
+        f"  locality {fmt('locality_agreement')}% KL {fmt('locality_kl', 1.0, 3)}  "
+        f"neighbours {fmt('neighbourhood_agreement')}%  degenerate {fmt('degenerate')}%  "
+        f"PPL x{fmt('perplexity_ratio', 1.0, 3)}"
+        if faithful
+        else ""
+    )
     return (
         f"{row['label']:<18} {row['dataset']:<16} n={row.get('n', 0):<3} BLEU(char) {pct('char_bleu')}  "
         f"ROUGE-L {pct('rougeL')}  Sim {pct('similarity')}  "
         f"s/edit {'–' if seconds is None else f'{seconds:.2f}'}  "
-        f"stopped {'–' if stopped is None else f'{100 * stopped:.0f}%'}"
+        f"stopped {'–' if stopped is None else f'{100 * stopped:.0f}%'}" + extra
     )
 
 
@@ -119,16 +132,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Every edit builds its own Trainer; its "GPU available ..." banner would repeat once per request.
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     from .evaluation.runner import run_benchmark, run_grid
+    from .models import ModelLoadError
 
     command = namespace.command
-    if command == "bench":
-        config = to_config(BenchConfig, namespace.bench)
-        rows = [run_benchmark(config)]
-    elif command == "grid":
-        config = to_config(GridConfig, namespace.grid)
-        rows = run_grid(config)["results"]
-    else:  # pragma: no cover - "demo" is handled above
-        return run_demo([])
+    try:
+        if command == "bench":
+            config = to_config(BenchConfig, namespace.bench)
+            rows = [run_benchmark(config)]
+        elif command == "grid":
+            config = to_config(GridConfig, namespace.grid)
+            rows = run_grid(config)["results"]
+        else:  # pragma: no cover - "demo" is handled above
+            return run_demo([])
+    except (ValueError, FileNotFoundError, ModelLoadError) as error:
+        # Bad settings or data (zero records selected, λ = 0, ...): a message and exit status 2.
+        logging.getLogger(__name__).debug("bad %s settings", command, exc_info=True)
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     out = Path(config.out)
     for row in rows:
         if row:

@@ -1,9 +1,11 @@
-"""Typed, declarative hyperparameters for an edit (ALGORITHM.md §3, §7)."""
+"""Typed, declarative hyperparameters for an edit (docs/algorithm.md §3, §7)."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from typing import Literal
+
+from .checks import check_config_fields
 
 
 @dataclass
@@ -40,6 +42,9 @@ class EditConfig:
     fast: bool = True
     skip_lower_layers: bool = True
     preserve_keys: bool | None = None
+
+    def __post_init__(self) -> None:
+        check_config_fields(self)  # types and ranges now; validate_config adds the model-dependent checks
 
     @property
     def z_layer(self) -> int:

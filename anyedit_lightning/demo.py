@@ -20,6 +20,7 @@ from .stats import compute_covariance
 
 PROMPT = "Who is Marisol Tevanne?"
 PARAPHRASE = "Tell me about Marisol Tevanne."
+UNRELATED = "What is the capital of France?"
 TARGET = (
     "Marisol Tevanne is a Chilean glass sculptor born in 1974 in Valparaíso. She studied chemistry at the "
     "University of Concepción before turning to art, and in 2003 she founded the Cobalt Harbour Studio, "
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     model, tokenizer = load_model(args.model)
     print(f"Loaded {args.model} in {time.perf_counter() - started:.1f} s")
     print(f"\nQ: {PROMPT}\nBefore the edit: {answer(model, tokenizer, PROMPT, args.max_new_tokens)}\n")
+    unrelated_before = answer(model, tokenizer, UNRELATED, 40)
     print(f"Target ({len(tokenizer(TARGET)['input_ids'])} tokens): {TARGET}\n")
 
     preset = get_preset("smollm2-135m-instruct")
@@ -70,7 +72,12 @@ def main(argv: list[str] | None = None) -> None:
         )
     t1 = time.perf_counter()
     module = edit(
-        model, tokenizer, EditRequest(PROMPT, TARGET), method=args.method, anyedit=True, stats=stats
+        model,
+        tokenizer,
+        EditRequest(PROMPT, TARGET, extra={"para_prompt": PARAPHRASE}),  # the paraphrase is for the report
+        method=args.method,
+        anyedit=True,
+        stats=stats,
     )
     seconds = time.perf_counter() - t1
     chunks = len(module.plans[0].chunks)
@@ -80,6 +87,17 @@ def main(argv: list[str] | None = None) -> None:
     paraphrase = answer(model, tokenizer, PARAPHRASE, args.max_new_tokens)
     print(f"\nParaphrase — {PARAPHRASE}\n{paraphrase}\n")
     print(f"ROUGE-L recall (paraphrase): {rouge_l_recall(paraphrase, TARGET):.3f}")
+    unrelated_after = answer(model, tokenizer, UNRELATED, 40)
+    print(f"\nUnrelated — {UNRELATED}\nBefore: {unrelated_before}\nAfter:  {unrelated_after}")
+    from .evaluation import FaithfulnessOptions, edit_report
+
+    t2 = time.perf_counter()
+    small = FaithfulnessOptions(
+        locality_prompts=24, cross_questions=0, fluency_prompts=4, perplexity_tokens=2048
+    )
+    report = edit_report(model, tokenizer, module, options=small, max_new_tokens=args.max_new_tokens)
+    print(f"\nWhat the edit did to the rest of the model ({time.perf_counter() - t2:.1f} s):\n{report}")
+    print(f"Locality agreement on 24 everyday prompts: {report.locality_agreement:.3f}")
     print(f"\nTotal: {time.perf_counter() - started:.1f} s (edit {seconds:.1f} s)")
 
 

@@ -43,7 +43,7 @@ def edit_layer_output(layer: nn.Module, fn: Callable[[torch.Tensor], torch.Tenso
 def add_at_positions(
     layer: nn.Module, rows: Sequence[int], positions: Sequence[int], deltas: torch.Tensor
 ) -> Iterator[None]:
-    """Add ``deltas[i]`` to the layer's output at ``(rows[i], positions[i])`` (ALGORITHM.md §3 step 2).
+    """Add ``deltas[i]`` to the layer's output at ``(rows[i], positions[i])`` (docs/algorithm.md §3 step 2).
 
     Positions past the current input length are skipped, so the hook is harmless during ``generate``'s
     length-1 steps.

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from .integrity import verify_manifest, write_manifest
 from .paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -52,27 +53,45 @@ def _embedded_cache() -> Path:
     return cache_dir("models", EMBEDDED_MODEL)
 
 
-def _materialise_embedded() -> Path:
-    """Dequantise the GGUF once and save a float32 safetensors copy; later loads read that copy."""
-    target = _embedded_cache()
-    if (target / "model.safetensors").is_file() and (target / "tokenizer_config.json").is_file():
-        return target
+def _convert_embedded(folder: Path) -> None:
+    """Dequantise the embedded GGUF into ``folder`` as a float32 transformers model and tokenizer."""
     gguf = embedded_gguf_path()
-    started = time.perf_counter()
-    log.info("Converting the embedded GGUF to float32 safetensors (once) into %s", target)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The GGUF quantizer marks the model as quantised; a plain float copy must not carry that.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def _materialise_embedded() -> Path:
+    """Dequantise the GGUF once and save a float32 safetensors copy; later loads read that copy.
+
+    The copy carries a checksum manifest: a copy whose files changed (or one without a manifest) is
+    rebuilt rather than loaded, since flipped bits in the weights would load without an error.
+    """
+    target = _embedded_cache()
+    if verify_manifest(target):
+        return target
+    if target.exists() and any(target.iterdir()):
+        log.warning(
+            "The converted embedded model in %s fails its checksum check; converting it again", target
+        )
+    started = time.perf_counter()
+    log.info("Converting the embedded GGUF to float32 safetensors (once) into %s", target)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        _convert_embedded(tmp)
+        write_manifest(tmp)
         if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)  # atomic: a killed conversion never leaves a half-written cache
+            shutil.rmtree(target, ignore_errors=True)
+        try:
+            os.replace(tmp, target)  # atomic: a killed conversion never leaves a half-written cache
+        except OSError:
+            if not verify_manifest(target):  # another process may have just put a good copy there
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("Embedded model converted in %.1f s", time.perf_counter() - started)
@@ -112,8 +131,15 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 def _fail_fast_offline(name: str) -> None:
     """Without a network, a hub id not already in the local HF cache fails at once instead of retrying."""
     from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
 
-    cached = try_to_load_from_cache(name, "config.json")
+    try:
+        cached = try_to_load_from_cache(name, "config.json")
+    except HFValidationError:
+        raise ModelLoadError(
+            f"{name!r} is neither an existing folder nor a valid Hugging Face id (org/name). Pass a folder "
+            f"holding a transformers model, a hub id, or the embedded model {EMBEDDED_MODEL!r}."
+        ) from None
     if isinstance(cached, str) or ("/" not in name and not name.strip()):
         return
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
@@ -122,6 +148,23 @@ def _fail_fast_offline(name: str) -> None:
             f"Model {name!r} is not a local folder, not in the Hugging Face cache, and the hub cannot be reached "
             f"(offline). Use a local folder, the embedded model {EMBEDDED_MODEL!r}, or download it where a network is "
             "available (e.g. `huggingface-cli download NAME`) and pass the folder."
+        )
+
+
+def _refuse_missing_folder(name: str) -> None:
+    """A name that can only be a path (not a hub id ``org/name``) and does not exist: say so plainly."""
+    path_like = (
+        os.path.isabs(name)
+        or name.startswith((".", "~"))
+        or "\\" in name
+        or name.count("/") > 1
+        or name.endswith("/")
+    )
+    if path_like:
+        raise ModelLoadError(
+            f"The folder {name!r} does not exist. Pass an existing folder holding a transformers model "
+            f"(config.json, weights, tokenizer files), a Hugging Face id such as "
+            f"'HuggingFaceTB/SmolLM2-135M-Instruct', or the embedded model {EMBEDDED_MODEL!r}."
         )
 
 
@@ -147,6 +190,7 @@ def load_model(
     else:
         source = name_or_path
         if not Path(name_or_path).exists():
+            _refuse_missing_folder(name_or_path)
             _fail_fast_offline(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **from_pretrained_kwargs)

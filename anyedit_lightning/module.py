@@ -1,4 +1,4 @@
-"""``AnyEditModule``: an edit as a Lightning fit, one training step per chunk (ALGORITHM.md §3).
+"""``AnyEditModule``: an edit as a Lightning fit, one training step per chunk (docs/algorithm.md §3).
 
 The module owns the frozen model and the requests. Each training step optimises the residual δ of one
 chunk index for every request of the batch (the progress bar advances by chunk, the logger records each

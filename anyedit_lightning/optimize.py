@@ -1,4 +1,4 @@
-"""Per-chunk residual optimisation (AnyEdit steps 2–3, ALGORITHM.md §3).
+"""Per-chunk residual optimisation (AnyEdit steps 2–3, docs/algorithm.md §3).
 
 For chunk ``j`` of every request a vector ``δ_j`` is added to the z-layer's output at the chunk's key
 position and optimised with Adam so the model produces the chunk; earlier chunks' δs stay added.
@@ -88,7 +88,7 @@ class RequestPlan:
 
     @property
     def targets(self) -> torch.Tensor:
-        """``Z``: one row ``h_init + δ`` per chunk (ALGORITHM.md §3 step 5)."""
+        """``Z``: one row ``h_init + δ`` per chunk (docs/algorithm.md §3 step 5)."""
         return torch.stack([h + d for h, d in zip(self.h_init, self.deltas)])
 
 

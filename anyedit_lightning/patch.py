@@ -62,6 +62,10 @@ class PatchMismatchError(ValueError):
     """The patch does not belong to the model state it is applied to / reverted from."""
 
 
+class PatchFileError(ValueError):
+    """A file is not a readable EditPatch (a folder, another format, a corrupt header or tensors)."""
+
+
 @dataclass
 class FixUp:
     """Elements (flat ``index``) where the delta arithmetic misses: if the element holds ``source``
@@ -365,12 +369,34 @@ class EditPatch:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> EditPatch:
-        with safe_open(str(path), framework="pt") as handle:
-            header = handle.metadata() or {}
+        """Read a patch file; anything that is not one raises :class:`PatchFileError` naming the path."""
+        path = Path(path)
+        if path.is_dir():
+            raise PatchFileError(
+                f"{path} is a folder; pass the patch file itself (e.g. ada.patch.safetensors)."
+            )
+        if not path.is_file():
+            raise FileNotFoundError(f"No patch file at {path}.")
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                header = handle.metadata() or {}
+        except Exception as error:  # SafetensorError and friends: a corrupt or foreign file
+            raise PatchFileError(
+                f"{path} is not a readable EditPatch file (corrupt header: {error})."
+            ) from None
         if header.get("format") != FORMAT:
-            raise ValueError(
+            raise PatchFileError(
                 f"{path} is not an EditPatch file (format {header.get('format')!r}, expected {FORMAT!r})."
             )
+        try:
+            return cls._from_file(path, header)
+        except Exception as error:  # truncated data, missing keys, malformed JSON in the header
+            raise PatchFileError(
+                f"{path} is a damaged EditPatch file ({type(error).__name__}: {error})."
+            ) from None
+
+    @classmethod
+    def _from_file(cls, path: Path, header: dict[str, str]) -> EditPatch:
         tensors = load_file(str(path))
         names = json.loads(header["tensor_names"])
         dtypes = json.loads(header["param_dtypes"])

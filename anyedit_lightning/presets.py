@@ -1,10 +1,11 @@
-"""Hyperparameter presets per model (ALGORITHM.md §7); small-model values come from the dev split only."""
+"""Hyperparameter presets per model (docs/algorithm.md §7); small-model values come from the dev split only."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from .checks import EditConfigError
 from .config import EditConfig
 
 
@@ -20,6 +21,11 @@ class Preset:
 
     def config(self, method: str, anyedit: bool, **overrides: Any) -> EditConfig:
         values = {**self.edit.get("all", {}), **self.edit.get(method, {}), "anyedit": anyedit, **overrides}
+        unknown = sorted(set(values) - {f.name for f in fields(EditConfig)})
+        if unknown:
+            raise EditConfigError(
+                f"EditConfig has no field(s) {unknown}; its fields are {[f.name for f in fields(EditConfig)]}."
+            )
         return replace(EditConfig(), **values)
 
     def writer_kwargs(self, method: str) -> dict[str, Any]:
@@ -29,17 +35,21 @@ class Preset:
 AUTHORS_LLAMA3_8B = Preset(
     edit={"all": {"layers": [4, 5, 6, 7, 8], "window": 40}, "unke": {"layers": [7]}},
     writer={"memit": {"mom2_weight": 15000.0}, "alphaedit": {"threshold": 2e-2, "l2": 10.0}, "unke": {}},
-    notes="The authors' settings for Llama3-8B-Instruct (ALGORITHM.md §7).",
+    notes="The authors' settings for Llama3-8B-Instruct (docs/algorithm.md §7).",
 )
 AUTHORS_QWEN25_7B = replace(
     AUTHORS_LLAMA3_8B,
     edit={"all": {"layers": [4, 5, 6, 7, 8], "window": 50}, "unke": {"layers": [7]}},
-    notes="The authors' settings for Qwen2.5-7B-Instruct (ALGORITHM.md §7).",
+    notes="The authors' settings for Qwen2.5-7B-Instruct (docs/algorithm.md §7).",
 )
 
 SMOLLM2_135M = Preset(
     edit={"all": {"layers": [12], "window": 8, "v_lr": 2.0, "v_steps": 50, "early_stop": 5e-2}},
-    writer={"memit": {"mom2_weight": 10.0}, "alphaedit": {"threshold": 2e-2, "l2": 1.0}, "unke": {"lr": 2e-3}},
+    writer={
+        "memit": {"mom2_weight": 10.0},
+        "alphaedit": {"threshold": 2e-2, "l2": 1.0},
+        "unke": {"lr": 2e-3},
+    },
     stats_tokens=100_000,
     notes=(
         "Chosen on the dev split only (UnKEBench records 0-1; see docs/presets.md). Two departures from the "

@@ -1,6 +1,6 @@
 """Edit requests: what to write (a prompt and a target of any length), tokenized once.
 
-ALGORITHM.md §1: the prompt is rendered through the chat template, the target is tokenized on its
+docs/algorithm.md §1: the prompt is rendered through the chat template, the target is tokenized on its
 own and followed by the template's end-of-turn token, and these ids are used everywhere after.
 Re-tokenizing ``prompt + target`` as one string can move token boundaries (the authors' code does
 that); we never do.
@@ -8,6 +8,7 @@ that); we never do.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,12 +28,16 @@ class EditRequest:
         target: the new answer, of any length and format (prose, code, math, a poem).
         raw_prompt: the prompt is already rendered text (for base models without a chat template).
         extra: free-form metadata carried along (e.g. paraphrases and sub-questions for evaluation).
+        special_tokens_as_text: a target (or chat prompt) containing one of the tokenizer's special tokens,
+            e.g. ``"<|im_end|>"``, is refused by default, since it would be read as a control token;
+            ``True`` encodes such strings as plain text instead. A ``raw_prompt`` keeps its markup either way.
     """
 
     prompt: str
     target: str
     raw_prompt: bool = False
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    special_tokens_as_text: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str):
@@ -43,6 +48,9 @@ class EditRequest:
             raise RequestError("prompt is empty: give the question or instruction the edit should answer")
         if not self.target.strip():
             raise RequestError("target is empty or whitespace-only: give the text the model should produce")
+        for name in ("raw_prompt", "special_tokens_as_text"):
+            if not isinstance(getattr(self, name), bool):
+                raise RequestError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
 
 @dataclass(frozen=True)
@@ -96,19 +104,84 @@ def end_of_turn_id(tokenizer: PreTrainedTokenizerBase, chat: bool = True) -> int
     return tokenizer.eos_token_id
 
 
+def special_token_strings(tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """The strings the tokenizer reads as single control tokens (special and special added tokens)."""
+    tokens = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    for added in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        if getattr(added, "special", False):
+            tokens.add(added.content)
+    return sorted((t for t in tokens if t), key=len, reverse=True)
+
+
+def find_special_token(tokenizer: PreTrainedTokenizerBase, text: str) -> str | None:
+    return next((token for token in special_token_strings(tokenizer) if token in text), None)
+
+
+def check_special_tokens(tokenizer: PreTrainedTokenizerBase, request: EditRequest) -> None:
+    """Refuse control-token strings in the target or chat prompt unless ``special_tokens_as_text``.
+
+    Without this, a target ``"<|im_end|>"`` silently teaches an empty answer and chat markup in a target
+    ends up inside the answer as real turn boundaries.
+    """
+    if request.special_tokens_as_text:
+        return
+    fields = [("target", request.target)] + ([] if request.raw_prompt else [("prompt", request.prompt)])
+    for name, text in fields:
+        token = find_special_token(tokenizer, text)
+        if token is not None:
+            raise RequestError(
+                f"The {name} of request {request.prompt[:40]!r} contains {token!r}, a special token of this "
+                "tokenizer: it would be read as a control token, not as text. Remove it, or pass "
+                "EditRequest(..., special_tokens_as_text=True) to encode it as plain text."
+            )
+
+
+def _encode(
+    tokenizer: PreTrainedTokenizerBase, text: str, as_text: bool, add_special: bool = False
+) -> list[int]:
+    options = {"split_special_tokens": True} if as_text else {}
+    return list(tokenizer(text, add_special_tokens=add_special, **options)["input_ids"])
+
+
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, request: EditRequest) -> list[int]:
+    """The ids the model sees before its answer; a chat prompt's own special-token strings stay plain
+    text with ``special_tokens_as_text`` while the template's markup stays control tokens."""
+    check_special_tokens(tokenizer, request)
+    if request.raw_prompt:
+        return _encode(tokenizer, request.prompt, False, add_special=True)
+    as_text = request.special_tokens_as_text and find_special_token(tokenizer, request.prompt) is not None
+    if not as_text:
+        return _encode(tokenizer, render_prompt(tokenizer, request.prompt), False)
+    sentinel = "ANYEDIT_PROMPT_SENTINEL"
+    before, after = render_prompt(tokenizer, sentinel).split(sentinel, 1)
+    return (
+        _encode(tokenizer, before, False)
+        + _encode(tokenizer, request.prompt, True)
+        + _encode(tokenizer, after, False)
+    )
+
+
 def tokenize_request(tokenizer: PreTrainedTokenizerBase, request: EditRequest) -> TokenizedRequest:
-    """Tokenize prompt and target separately, once (ALGORITHM.md §1)."""
-    text = request.prompt if request.raw_prompt else render_prompt(tokenizer, request.prompt)
-    prompt_ids = tokenizer(text, add_special_tokens=request.raw_prompt)["input_ids"]
-    target_ids = tokenizer(request.target, add_special_tokens=False)["input_ids"]
+    """Tokenize prompt and target separately, once (docs/algorithm.md §1)."""
+    prompt_ids_ = prompt_ids(tokenizer, request)
+    target_ids = _encode(tokenizer, request.target, request.special_tokens_as_text)
     eot = end_of_turn_id(tokenizer, chat=not request.raw_prompt)
     if eot is not None:
-        target_ids = list(target_ids) + [eot]
-    if not prompt_ids:
+        target_ids = target_ids + [eot]
+    if not prompt_ids_:
         raise RequestError(f"prompt {request.prompt[:40]!r} tokenizes to nothing")
-    return TokenizedRequest(request, tuple(int(i) for i in prompt_ids), tuple(int(i) for i in target_ids))
+    return TokenizedRequest(request, tuple(int(i) for i in prompt_ids_), tuple(int(i) for i in target_ids))
 
 
 def prompt_text(tokenizer: PreTrainedTokenizerBase, request: EditRequest) -> str:
     """The exact text the model sees before its answer (for generation)."""
-    return request.prompt if request.raw_prompt else render_prompt(tokenizer, request.prompt)
+    if request.raw_prompt:
+        return request.prompt
+    if not request.special_tokens_as_text:
+        check_special_tokens(tokenizer, dataclasses.replace(request, target="-"))
+    elif find_special_token(tokenizer, request.prompt) is not None:
+        raise RequestError(
+            f"Prompt {request.prompt[:40]!r} holds special-token strings meant as plain text; as one string they "
+            "would be read as control tokens. Generate from prompt_ids(tokenizer, request) instead."
+        )
+    return render_prompt(tokenizer, request.prompt)

@@ -1,4 +1,4 @@
-"""Second-moment statistics ``C_l = E[k kᵀ]`` of the down-projection inputs (ALGORITHM.md §5).
+"""Second-moment statistics ``C_l = E[k kᵀ]`` of the down-projection inputs (docs/algorithm.md §5).
 
 They are the expensive, reusable part of an edit, so they are computed once per (model weights,
 layer, corpus, token count), cached on disk atomically, and computed by a ``LightningModule`` so the
@@ -27,6 +27,8 @@ from transformers import PreTrainedTokenizerBase
 from .corpus import WIKIPEDIA_SAMPLE
 from .fingerprint import weights_fingerprint
 from .hooks import record_inputs, run_until
+from .integrity import tensor_checksum
+from .interrupts import call_trainer
 from .paths import cache_dir
 from .registry import ArchitectureSpec, ModelHandle, resolve_architecture
 from .text_data import TextCorpusDataModule, token_batches  # noqa: F401  (token_batches: public here too)
@@ -121,6 +123,9 @@ def _load_cached(path: Path, fingerprint: str, m: int) -> tuple[torch.Tensor, in
     if meta.get("fingerprint") != fingerprint or matrix.shape != (m, m) or not torch.isfinite(matrix).all():
         log.warning("Ignoring statistics cache %s: it does not match this model; recomputing", path)
         return None
+    if meta.get("sha256") != tensor_checksum(matrix):  # intact header, changed values: still a wrong C
+        log.warning("Ignoring statistics cache %s: its checksum does not match its data; recomputing", path)
+        return None
     return matrix, int(meta.get("count", 0))
 
 
@@ -129,7 +134,9 @@ def _save_cached(path: Path, matrix: torch.Tensor, fingerprint: str, count: int)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
     os.close(fd)
     try:
-        save_file({"C": matrix.contiguous()}, tmp, metadata={"fingerprint": fingerprint, "count": str(count)})
+        matrix = matrix.contiguous()
+        meta = {"fingerprint": fingerprint, "count": str(count), "sha256": tensor_checksum(matrix)}
+        save_file({"C": matrix}, tmp, metadata=meta)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -191,7 +198,7 @@ def compute_covariance(
             trainer = trainer or _default_trainer(model)
             _check_distributed(trainer, len(data.batches))
             device = next(model.parameters()).device
-            trainer.test(module, datamodule=data, verbose=False)
+            call_trainer(trainer.test, module, datamodule=data, verbose=False)
             model.to(device)  # Lightning's teardown moves the module to the CPU after a GPU run
             is_zero = trainer.is_global_zero
         model.train(was_training)

@@ -1,6 +1,6 @@
 """A text corpus as token batches, served by a ``LightningDataModule`` (sharded by rank under DDP).
 
-Used by the covariance statistics (ALGORITHM.md §5). The batches are built once, in the calling
+Used by the covariance statistics (docs/algorithm.md §5). The batches are built once, in the calling
 process, and each rank takes every N-th one: no sampler padding, so no token is counted twice.
 """
 

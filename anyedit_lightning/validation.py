@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from .checks import EditConfigError, WriterConfigError, check_config_fields
 from .config import EditConfig
 from .registry import ModelHandle
 from .requests import EditRequest
@@ -13,18 +14,12 @@ if TYPE_CHECKING:
     from .optimize import RequestPlan
 
 
-class EditConfigError(ValueError):
-    """The edit's configuration does not fit the model or the requests."""
+__all__ = ["EditConfigError", "WriterConfigError", "validate_config", "validate_edit"]
 
 
 def validate_config(handle: ModelHandle, config: EditConfig) -> None:
+    check_config_fields(config)  # again: the dataclass is mutable after construction
     layers, n = list(config.layers), handle.num_layers
-    if not layers:
-        raise EditConfigError(
-            "`layers` is empty: give at least one layer to edit, e.g. layers=[4, 5, 6, 7, 8]."
-        )
-    if any(not isinstance(layer, int) for layer in layers):
-        raise EditConfigError(f"`layers` must be integers, got {layers}")
     out = [layer for layer in layers if not 0 <= layer < n]
     if out:
         raise EditConfigError(f"Edited layers {out} are out of range: this model has layers 0..{n - 1}.")
@@ -39,16 +34,6 @@ def validate_config(handle: ModelHandle, config: EditConfig) -> None:
             f"loss_layer={config.loss_layer} must lie between the z-layer ({config.z_layer}) and {n - 1}: "
             "the loss is read above the layer where δ is added."
         )
-    if config.window < 1:
-        raise EditConfigError(f"window={config.window}: a chunk needs at least 1 token.")
-    if not 0 <= config.overlap < config.window:
-        raise EditConfigError(
-            f"overlap={config.overlap} must satisfy 0 <= overlap < window ({config.window})."
-        )
-    if config.v_steps < 1 or config.v_lr <= 0 or config.clamp <= 0:
-        raise EditConfigError("v_steps must be >= 1, and v_lr and clamp positive.")
-    if config.chunking not in ("fixed", "semantic"):
-        raise EditConfigError(f"chunking={config.chunking!r}: use 'fixed' or 'semantic'.")
 
 
 def validate_edit(

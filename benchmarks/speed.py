@@ -1,7 +1,7 @@
 """Reference vs fast δ optimisation on the embedded SmolLM2 (issue 7).
 
 Edits the same requests of about 100, 250 and 450 tokens with ``fast=False`` (the whole model over the
-whole prefix at every Adam step, as ALGORITHM.md §3 and the authors' code) and ``fast=True`` (prefix
+whole prefix at every Adam step, as docs/algorithm.md §3 and the authors' code) and ``fast=True`` (prefix
 cached, lower layers replayed), and prints seconds per edit, the ratio, peak memory and ROUGE-L.
 
     python benchmarks/speed.py [--lengths 100 250 450] [--threads 2] [--window 40 --steps 10]

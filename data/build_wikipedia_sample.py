@@ -1,6 +1,6 @@
 """Rebuild ``data/wikipedia_sample.jsonl.gz``: plain text of the English Wikipedia sample in the gensim wheel.
 
-The default corpus for covariance statistics (ALGORITHM.md §5). The source is the shortened dump
+The default corpus for covariance statistics (docs/algorithm.md §5). The source is the shortened dump
 ``gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2``
 (Wikipedia contributors, CC BY-SA 3.0/4.0; attribution in data/README.md). gensim is located, never
 imported. The output is deterministic (gzip without a timestamp), so a rebuild gives identical bytes.

@@ -1,4 +1,4 @@
-"""Edit requests (ALGORITHM.md §1), chunking and key positions (§2–§3), on the tiny ChatML tokenizer."""
+"""Edit requests (docs/algorithm.md §1), chunking and key positions (§2–§3), on the tiny ChatML tokenizer."""
 
 from __future__ import annotations
 

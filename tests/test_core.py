@@ -1,4 +1,4 @@
-"""The core edit (ALGORITHM.md §3–§5) on tiny config-built Llama and GPT-2 models.
+"""The core edit (docs/algorithm.md §3–§5) on tiny config-built Llama and GPT-2 models.
 
 Every test that edits builds a fresh ``tiny_model(family)``; the weights of a fresh model are
 bit-identical for a family, so one covariance matrix per family serves them all. Measured ratios are

@@ -38,11 +38,12 @@ def test_the_checkout_ships_the_extracted_sample_with_attribution() -> None:
     importlib.util.find_spec("gensim") is None, reason="the gensim wheel (source dump) is not installed"
 )
 def test_extracted_sample_equals_the_dump_it_was_built_from() -> None:
-    from anyedit_lightning.corpus import wikipedia_sample_path
+    from anyedit_lightning.corpus import HELDOUT_ARTICLES, wikipedia_articles, wikipedia_sample_path
 
-    extracted = list(wikipedia_sample())
+    extracted = list(wikipedia_articles())
     assert extracted == list(dump_articles(wikipedia_sample_path()))
     assert len(extracted) == 106
+    assert list(wikipedia_sample()) == extracted[:-HELDOUT_ARTICLES]  # the rest is held out for perplexity
 
 
 def test_text_and_jsonl_files_and_lists_of_them(tmp_path: Path) -> None:

@@ -327,6 +327,11 @@ class BenchmarkDataModule(LightningDataModule):
         path = self.resolve_path()
         raw = load_raw_records(path)
         positions = select_positions(len(raw), self.start, self.limit, self.split)
+        if not positions:  # a run over nothing would "succeed" with n = 0
+            raise BenchmarkDataError(
+                f"start={self.start}, limit={self.limit}, split={self.split!r} select no records: {path} has "
+                f"{len(raw)} record(s) (positions 0..{len(raw) - 1}; dev: < {DEV_SIZE})."
+            )
         self._records = convert_records(
             raw, positions, self.convert, f"{self.name} ({path})", self.skip_invalid
         )

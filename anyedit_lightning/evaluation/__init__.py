@@ -1,5 +1,7 @@
-"""Benchmarking edits (ALGORITHM.md §6): batched greedy generation, the resumable Lightning loop, reports."""
+"""Benchmarking edits (docs/algorithm.md §6): batched greedy generation, the resumable Lightning loop, reports."""
 
+from .edit_report import EditReport, edit_report
+from .faithfulness import FaithfulnessOptions, FaithfulnessProbe
 from .generation import Generation, generate_batch
 from .report import markdown_table, write_report
 from .runner import BenchConfig, BenchmarkModule, GridConfig, run_benchmark, run_grid, summarize
@@ -7,8 +9,12 @@ from .runner import BenchConfig, BenchmarkModule, GridConfig, run_benchmark, run
 __all__ = [
     "BenchConfig",
     "BenchmarkModule",
+    "EditReport",
+    "FaithfulnessOptions",
+    "FaithfulnessProbe",
     "Generation",
     "GridConfig",
+    "edit_report",
     "generate_batch",
     "markdown_table",
     "run_benchmark",

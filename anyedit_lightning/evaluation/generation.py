@@ -1,4 +1,4 @@
-"""Greedy, batched generation for the benchmark (ALGORITHM.md §6): left padding, stop at end of turn.
+"""Greedy, batched generation for the benchmark (docs/algorithm.md §6): left padding, stop at end of turn.
 
 Prompts are given already rendered (see :func:`anyedit_lightning.requests.prompt_text`), so generation
 sees exactly the text an edit was written for. Batched and one-at-a-time generation give the same texts:
@@ -27,6 +27,7 @@ class Generation:
     text: str
     stopped: bool
     num_tokens: int
+    token_ids: tuple[int, ...] = ()  # the kept answer tokens (stop token excluded), for teacher forcing
 
 
 def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -112,4 +113,5 @@ def _decode(tokenizer: PreTrainedTokenizerBase, tokens: list[int], stops: Sequen
     """Cut at the first stop token (what follows is padding), then decode without special tokens."""
     end = next((k for k, token in enumerate(tokens) if token in stops), None)
     kept = tokens if end is None else tokens[:end]
-    return Generation(tokenizer.decode(kept, skip_special_tokens=True), end is not None, len(kept))
+    text = tokenizer.decode(kept, skip_special_tokens=True)
+    return Generation(text, end is not None, len(kept), tuple(int(t) for t in kept))

@@ -32,6 +32,51 @@ COLUMNS = (
 )
 
 
+FAITHFUL_COLUMNS = (
+    ("locality_agreement", "Locality agr.", "pct"),
+    ("locality_kl", "Locality KL", "kl"),
+    ("cross_agreement", "Other-bench agr.", "pct"),
+    ("cross_kl", "Other-bench KL", "kl"),
+    ("neighbourhood_agreement", "Neighbour agr.", "pct"),
+    ("neighbourhood_kl", "Neighbour KL", "kl"),
+    ("degenerate", "Degenerate %", "pct"),
+    ("perplexity_ratio", "PPL ratio", "ratio"),
+    ("subfact_hits", "Sub-fact hits", "pct"),
+)
+
+
+def _faithful_cell(value: Any, kind: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return _pct(value) if kind == "pct" else f"{value:.4f}" if kind == "kl" else f"{value:.3f}"
+
+
+def faithfulness_table(dataset: str, rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Markdown lines: efficacy next to what the edit did elsewhere (empty when nothing was measured)."""
+    if not any(r.get("faithfulness") for r in rows):
+        return []
+    header = ["Method", "Efficacy ROUGE-L", "Para ROUGE-L", *(name for _, name, _ in FAITHFUL_COLUMNS)]
+    header += ["stopped %", "s/edit", "s/measure"]
+    lines = [f"### {dataset}: faithfulness", "", "| " + " | ".join(header) + " |"]
+    lines.append("|" + "|".join([":---"] + ["---:"] * (len(header) - 1)) + "|")
+    for row in rows:
+        f = row.get("faithfulness") or {}
+        cells = [
+            str(row.get("label", row["method"])),
+            _pct((row.get("original") or {}).get("rougeL")),
+            _pct((row.get("paraphrase") or {}).get("rougeL")),
+        ]
+        cells += [_faithful_cell(f.get(key), kind) for key, _, kind in FAITHFUL_COLUMNS]
+        seconds, measure = row.get("seconds_per_edit"), f.get("seconds")
+        cells += [
+            _pct(row.get("stopped")),
+            "–" if seconds is None else f"{seconds:.2f}",
+            "–" if measure is None else f"{measure:.1f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def row_key(row: Mapping[str, Any]) -> tuple[str, bool, str]:
     return str(row["method"]), bool(row["anyedit"]), str(row["dataset"])
 
@@ -105,6 +150,7 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], title: str | None = None) 
             cells.append(_pct(row.get("stopped")))
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+        lines += faithfulness_table(dataset, subset)
         categories = sorted({c for r in subset for c in (r.get("categories") or {})})
         if categories:
             lines += [f"### {dataset} by category (Original ROUGE-L / Similarity)", ""]
@@ -124,6 +170,13 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], title: str | None = None) 
         "against each sub-answer, averaged per request. s/edit: wall seconds per edit (– for the unedited "
         "model). stopped %: answers that ended with the end-of-turn token before `max_new_tokens`.",
         "",
+        "Faithfulness (docs/faithful.md): top-1 agreement and KL(unedited ‖ edited) per token, teacher-forced "
+        "on the unedited model's answers to everyday prompts (Locality), to another benchmark's questions "
+        "(Other-bench) and to the 8 MiniLM-nearest questions (Neighbour); Degenerate %: answers whose "
+        "repeated-4-gram share exceeds 0.5 (edited prompt, paraphrase, regenerated everyday prompts); PPL "
+        "ratio: held-out Wikipedia perplexity after/before; Sub-fact hits: sub-answers whose content words "
+        "appear (at least half); s/measure: seconds of these measurements per record.",
+        "",
     ]
     return "\n".join(lines)
 
@@ -137,7 +190,13 @@ def plot(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) -> Pat
 
     path = Path(path)
     datasets = list(dict.fromkeys(r["dataset"] for r in rows)) or ["(no results)"]
-    fig, axes = plt.subplots(1, len(datasets), figsize=(max(5.0, 4.5 * len(datasets)), 4.2), squeeze=False)
+    faithful = any(r.get("faithfulness") for r in rows)
+    fig, axes = plt.subplots(
+        2 if faithful else 1,
+        len(datasets),
+        figsize=(max(5.0, 4.5 * len(datasets)), 8.4 if faithful else 4.2),
+        squeeze=False,
+    )
     metrics = (("rougeL", "ROUGE-L"), ("similarity", "Similarity"))
     width = 0.38
     for ax, dataset in zip(axes[0], datasets):
@@ -154,11 +213,45 @@ def plot(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) -> Pat
         ax.set_ylabel("score ×100 (original prompt)")
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].legend(fontsize=8)
+    if faithful:
+        _plot_faithfulness(axes[1], rows, datasets)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _plot_faithfulness(axes, rows: Sequence[Mapping[str, Any]], datasets: Sequence[str]) -> None:
+    """Second row: efficacy next to locality/neighbourhood agreement and the non-degenerate share."""
+    bars = (
+        ("efficacy", "Efficacy ROUGE-L"),
+        ("locality_agreement", "Locality agr."),
+        ("neighbourhood_agreement", "Neighbour agr."),
+        ("fluent", "Not degenerate"),
+    )
+    width = 0.8 / len(bars)
+    for ax, dataset in zip(axes, datasets):
+        subset = [r for r in rows if r["dataset"] == dataset]
+        for k, (key, name) in enumerate(bars):
+            values = []
+            for r in subset:
+                f = r.get("faithfulness") or {}
+                value = {
+                    "efficacy": (r.get("original") or {}).get("rougeL"),
+                    "fluent": None if f.get("degenerate") is None else 1 - f["degenerate"],
+                }.get(key, f.get(key))
+                values.append(100 * (value or 0.0))
+            positions = [i + (k - (len(bars) - 1) / 2) * width for i in range(len(subset))]
+            ax.bar(positions, values, width, label=name)
+        ax.set_xticks(range(len(subset)))
+        labels = [str(r.get("label", r["method"])) for r in subset]
+        ax.set_xticklabels(labels, rotation=35, ha="right", fontsize=8)
+        ax.set_ylim(0, 100)
+        ax.set_title(f"{dataset}: faithfulness")
+        ax.set_ylabel("×100")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=7)
 
 
 def write_report(

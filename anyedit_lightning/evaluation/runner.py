@@ -1,4 +1,4 @@
-"""The benchmark loop (ALGORITHM.md §6) as a ``LightningModule`` run by ``Trainer.predict``.
+"""The benchmark loop (docs/algorithm.md §6) as a ``LightningModule`` run by ``Trainer.predict``.
 
 For each batch of requests from a benchmark DataModule, :class:`BenchmarkModule` edits the model (the
 core :func:`anyedit_lightning.api.edit`), generates greedily for the prompt, the paraphrase and every
@@ -32,7 +32,9 @@ import torch
 
 from .. import api
 from ..benchmarks import get_datamodule
+from ..checks import EditConfigError, is_int
 from ..fingerprint import weights_fingerprint
+from ..interrupts import call_trainer
 from ..metrics import score_texts
 from ..presets import PRESETS, get_preset
 from ..requests import EditRequest, prompt_text
@@ -86,6 +88,15 @@ class RunOptions:
         strategy: Lightning strategy (None: ``ddp`` when more than one process, else ``auto``).
         precision: Lightning precision, e.g. ``bf16-mixed`` or ``bf16-true`` (δ and the least-squares
             solve stay in float32/float64 either way).
+        faithfulness: per record, measure what the edit did to the rest of the model (locality on
+            everyday prompts and on another benchmark's questions, neighbourhood, fluency, held-out
+            perplexity, sub-fact hits; see docs/faithful.md). The unedited reference is computed once
+            per run. The sizes below keep it to seconds per record on a CPU.
+        locality_prompts: everyday prompts scored per record (the first N of data/locality_prompts.json).
+        cross_questions: another benchmark's questions scored per record.
+        neighbours: nearest prompts (MiniLM) to each edited prompt scored per record; 0 disables.
+        fluency_prompts: everyday prompts regenerated per record for the degeneration score.
+        perplexity_tokens: held-out Wikipedia tokens for the perplexity ratio; 0 disables.
     """
 
     model: str = "smollm2-135m-instruct"
@@ -111,6 +122,12 @@ class RunOptions:
     num_nodes: int = 1
     strategy: str | None = None
     precision: str | None = None
+    faithfulness: bool = True
+    locality_prompts: int | None = 24
+    cross_questions: int = 12
+    neighbours: int = 8
+    fluency_prompts: int = 8
+    perplexity_tokens: int = 2048
 
     @property
     def distributed(self) -> bool:
@@ -183,6 +200,10 @@ def resolved(config: BenchConfig) -> BenchConfig:
         raise ValueError(f"method must be one of {METHODS}, got {config.method!r}")
     if config.max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be positive, got {config.max_new_tokens}")
+    if config.limit is not None and (not is_int(config.limit) or config.limit < 1):
+        raise ValueError(
+            f"limit={config.limit!r} selects no records: give a positive number, or none for all."
+        )
     if "anyedit" in config.edit:
         raise ValueError("set AnyEdit with the anyedit option, not inside the edit overrides")
     if config.method == "none" and config.preset is None:
@@ -192,10 +213,15 @@ def resolved(config: BenchConfig) -> BenchConfig:
             return config
     config = dataclasses.replace(config, preset=resolve_preset(config.model, config.preset))
     if config.method != "none":
+        preset = get_preset(config.preset)
         try:
-            get_preset(config.preset).config(config.method, config.anyedit, **config.edit)
-        except TypeError as error:
+            preset.config(config.method, config.anyedit, **config.edit)
+        except (TypeError, EditConfigError) as error:
             raise ValueError(f"invalid edit overrides {config.edit}: {error}") from None
+        try:
+            api.make_writer(config.method, **{**preset.writer_kwargs(config.method), **config.writer})
+        except (TypeError, EditConfigError) as error:
+            raise ValueError(f"invalid writer overrides {config.writer}: {error}") from None
     return config
 
 
@@ -300,6 +326,52 @@ def _mean(values: Iterable[float | None]) -> float | None:
     return sum(kept) / len(kept) if kept else None
 
 
+FAITHFUL_KEYS = (
+    "locality_agreement",
+    "locality_kl",
+    "cross_agreement",
+    "cross_kl",
+    "neighbourhood_agreement",
+    "neighbourhood_kl",
+    "degenerate",
+    "repetition",
+    "locality_degenerate",
+    "perplexity_ratio",
+    "subfact_hits",
+    "seconds",
+)
+
+
+def faithful_record(
+    request: EditRequest, answer: Mapping[str, Any], measured: Mapping[str, Any] | None
+) -> dict[str, Any] | None:
+    """One record's faithfulness scores: the probe's plus the fluency of its own answers and sub-fact hits.
+
+    ``degenerate``/``repetition`` pool the edited prompt's answer, the paraphrase's and the regenerated
+    everyday prompts'; ``locality_degenerate`` is the everyday prompts' alone.
+    """
+    if measured is None:
+        return None
+    from ..metrics import Fluency, SubFactHits
+
+    row = {k: v for k, v in measured.items() if k not in ("locality_samples", "locality_fluency")}
+    own = [answer["prompt"].text] + ([answer["para"].text] if answer.get("para") else [])
+    samples = [s["after"] for s in measured.get("locality_samples", [])]
+    fluency = Fluency(sync_on_compute=False)  # one record's score: never averaged across DDP ranks
+    fluency.update(own + samples)
+    scores = fluency.compute()
+    row["degenerate"], row["repetition"] = float(scores["degenerate"]), float(scores["repetition"])
+    row["locality_degenerate"] = (measured.get("locality_fluency") or {}).get("degenerate")
+    sub_answers = list(request.extra.get("sub_answers") or [])
+    subs = [g.text for g in answer.get("sub") or []]
+    row["subfact_hits"] = None
+    if subs and len(subs) == len(sub_answers):
+        hits = SubFactHits(sync_on_compute=False)
+        hits.update(subs, sub_answers)
+        row["subfact_hits"] = float(hits.compute())
+    return row
+
+
 def _mean_scores(rows: Sequence[Mapping[str, float]]) -> dict[str, float | None]:
     keys = [k for k in METRIC_KEYS if any(k in row for row in rows)]
     return {k: _mean(row.get(k) for row in rows) for k in keys}
@@ -316,6 +388,10 @@ def summarize(records: Sequence[Mapping[str, Any]], by_category: bool = True) ->
     summary["seconds_generation"] = _mean(r.get("seconds_generation") for r in records)
     summary["stopped"] = _mean(float(r["stopped"]) for r in records if "stopped" in r)
     summary["chunks"] = _mean(r.get("chunks") for r in records)
+    faithful = [r["faithfulness"] for r in records if r.get("faithfulness")]
+    summary["faithfulness"] = (
+        {key: _mean(f.get(key) for f in faithful) for key in FAITHFUL_KEYS} if faithful else None
+    )
     categories = sorted({str(r["category"]) for r in records if r.get("category") is not None})
     if by_category and categories:
         summary["categories"] = {
@@ -390,6 +466,7 @@ class BenchmarkModule(L.LightningModule):
                 self.out,
             )
         self._writer = PredictionWriter(self.predictions_path)
+        self._probe = self._make_probe() if self.config.faithfulness else None
 
     def on_predict_end(self) -> None:
         if self.config.sequential and not self.keep_edits:
@@ -425,6 +502,7 @@ class BenchmarkModule(L.LightningModule):
             started = time.perf_counter()
             answers = self._generate(todo)
             generation_seconds = time.perf_counter() - started
+            faithfulness = self._faithfulness(todo, before)
         finally:
             if self.config.sequential:
                 for name, value in before.items():
@@ -432,8 +510,9 @@ class BenchmarkModule(L.LightningModule):
             else:
                 self._restore(before)
         records = []
-        for request, answer, n_chunks in zip(todo, answers, chunks):
+        for request, answer, n_chunks, faithful in zip(todo, answers, chunks, faithfulness):
             record = self._record(request, answer, n_chunks, edit_seconds, generation_seconds, len(todo))
+            record["faithfulness"] = faithful_record(request, answer, faithful)
             self._writer.write(record)
             records.append(record)
             self.done.add(key(request))
@@ -484,6 +563,45 @@ class BenchmarkModule(L.LightningModule):
             )
         self._back_to_device()
         return module
+
+    def _make_probe(self):
+        """The unedited reference for this run, computed now (the weights are still the starting ones)."""
+        from .faithfulness import FaithfulnessOptions, FaithfulnessProbe
+
+        c = self.config
+        options = FaithfulnessOptions(
+            locality_prompts=c.locality_prompts,
+            cross_questions=c.cross_questions,
+            neighbours=c.neighbours,
+            fluency_prompts=c.fluency_prompts,
+            perplexity_tokens=c.perplexity_tokens,
+            batch_size=c.generation_batch_size,
+        )
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        requests = list(getattr(datamodule, "requests", None) or [])
+        pending = [r.prompt for r in requests if self._key(r) not in self.done]
+        if requests and not pending:
+            return None
+        started = time.perf_counter()
+        try:
+            probe = FaithfulnessProbe(self.model, self.tokenizer, c.dataset, options).prepare(pending)
+        except FileNotFoundError as error:  # an installed package without the data/ folder
+            log.warning("Faithfulness metrics are off: %s", error)
+            return None
+        log.info("Unedited faithfulness reference: %.1f s", time.perf_counter() - started)
+        return probe
+
+    def _faithfulness(self, requests: list[EditRequest], before: Mapping[str, torch.Tensor]) -> list:
+        """Per request: the set-level scores of this edit plus its neighbourhood (None when switched off)."""
+        if getattr(self, "_probe", None) is None:
+            return [None] * len(requests)
+        started = time.perf_counter()
+        unedited = {**before, **self._originals}  # sequential: each tensor's first snapshot is the start
+        shared = self._probe.measure_edit()
+        rows = [{**shared, **self._probe.measure_neighbourhood(r.prompt, unedited)} for r in requests]
+        for row in rows:
+            row["seconds"] = (time.perf_counter() - started) / len(requests)
+        return rows
 
     def _back_to_device(self) -> None:
         """Lightning's strategy teardown moves a fitted module to the CPU; bring the model back."""
@@ -665,6 +783,19 @@ def make_trainer(model: torch.nn.Module, config: RunOptions | None = None) -> L.
     )
 
 
+def selected_data(config: BenchConfig):
+    """The run's data module, set up; raises when ``start``/``limit``/``split`` select no records."""
+    datamodule = get_datamodule(
+        config.dataset,
+        start=config.start,
+        limit=config.limit,
+        split=config.split,
+        batch_size=config.batch_size,
+    )
+    datamodule.setup("predict")
+    return datamodule
+
+
 def run_benchmark(
     config: BenchConfig,
     model: torch.nn.Module | None = None,
@@ -683,19 +814,12 @@ def run_benchmark(
     """
     config = resolved(config)
     L.seed_everything(config.seed, verbose=False)
+    datamodule = selected_data(config)  # before loading anything: zero records is an error
     if model is None or tokenizer is None:
         model, tokenizer = load_for(config)
     device = next(model.parameters()).device
     if stats is None:
         stats = stats_for(model, tokenizer, [config])
-    datamodule = get_datamodule(
-        config.dataset,
-        start=config.start,
-        limit=config.limit,
-        split=config.split,
-        batch_size=config.batch_size,
-    )
-    datamodule.setup("predict")
     module = BenchmarkModule(model, tokenizer, config, stats, keep_edits=keep_edits)
     trainer = trainer or make_trainer(model, config)
     started = time.perf_counter()
@@ -703,7 +827,7 @@ def run_benchmark(
         with warnings.catch_warnings():
             # Our batches are lists of EditRequest, passed through as they are, on purpose.
             warnings.filterwarnings("ignore", message=".*overridden `transfer_batch_to_device`.*")
-            trainer.predict(module, datamodule=datamodule, return_predictions=False)
+            call_trainer(trainer.predict, module, datamodule=datamodule, return_predictions=False)
     finally:
         if next(model.parameters()).device != device:
             model.to(device)
@@ -739,6 +863,8 @@ def run_grid(
 ) -> dict[str, Any]:
     """Every run of ``config.runs()`` into ``config.out``; one combined summary, table and plot."""
     runs = [resolved(run) for run in config.runs()]
+    for run in runs:
+        selected_data(run)  # every dataset's selection is checked before the model loads
     if model is None or tokenizer is None:
         model, tokenizer = load_for(config)
     if stats is None:

@@ -12,6 +12,10 @@ from typing import Any
 import torch
 
 from .bleu import CharBLEU, WordBLEU, bleu, char_bleu, word_bleu
+from .fluency import DEGENERATE_THRESHOLD, Fluency, distinct_n, is_degenerate, repetition
+from .forced import ForcedItem, TopK, forced_logprobs, reference_topk
+from .locality import LocalityAgreement, coarse_kl, score_locality
+from .perplexity import PerplexityRatio, heldout_batches, total_nll
 from .rouge import ROUGE_KEYS, RougeRecall, SubQuestionRouge, rouge_l_recall, rouge_recall
 from .similarity import (
     DEFAULT_BATCH_SIZE,
@@ -20,19 +24,38 @@ from .similarity import (
     default_model_path,
     load_encoder,
 )
+from .subfacts import SubFactHits, content_words, subfact_hit
 from .text import Texts, as_text_pairs, mean
 
 __all__ = [
+    "DEGENERATE_THRESHOLD",
     "CharBLEU",
+    "Fluency",
+    "ForcedItem",
+    "LocalityAgreement",
+    "PerplexityRatio",
     "RougeRecall",
     "SemanticSimilarity",
+    "SubFactHits",
     "SubQuestionRouge",
+    "TopK",
     "WordBLEU",
     "bleu",
     "char_bleu",
+    "coarse_kl",
+    "content_words",
     "cosine_similarities",
     "default_model_path",
+    "distinct_n",
+    "forced_logprobs",
+    "heldout_batches",
+    "is_degenerate",
     "load_encoder",
+    "reference_topk",
+    "repetition",
+    "score_locality",
+    "subfact_hit",
+    "total_nll",
     "rouge_l_recall",
     "rouge_recall",
     "score_texts",

@@ -1,4 +1,4 @@
-"""AlphaEdit (ALGORITHM.md §4.3): the MEMIT objective with the update projected onto the null space of
+"""AlphaEdit (docs/algorithm.md §4.3): the MEMIT objective with the update projected onto the null space of
 ``C_l``, so outputs on the preserved subspace do not move."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..checks import WriterConfigError, check_real
 from .base import add_to_down_proj
 from .memit import CovarianceWriter
 
@@ -26,6 +27,19 @@ class AlphaEditWrite(CovarianceWriter):
         super().__init__(**kwargs)
         self.threshold, self.l2 = threshold, l2
         self._projectors: dict[int, torch.Tensor] = {}
+        AlphaEditWrite.validate(self)
+
+    def validate(self) -> None:
+        super().validate()
+        check_real(
+            "threshold",
+            self.threshold,
+            error=WriterConfigError,
+            hint=" It is τ; <= 0 leaves an empty null space.",
+        )
+        check_real(
+            "l2", self.l2, error=WriterConfigError, hint=" It is α; 0 makes the projected solve singular."
+        )
 
     def projector(self, layer: int, device: torch.device) -> torch.Tensor:
         if layer not in self._projectors:

@@ -62,7 +62,7 @@ def collect_keys(
     preserve: bool,
     pad_id: int,
 ) -> Keys:
-    """Run the current model over each request and gather ``K``, ``K_p`` and ``H`` (ALGORITHM.md §4.1).
+    """Run the current model over each request and gather ``K``, ``K_p`` and ``H`` (docs/algorithm.md §4.1).
 
     Without preservation each sequence is run only up to its last key: for the single-token baselines
     that is the prompt, so keys come from it alone (causal attention: nothing after a key changes it).
@@ -111,7 +111,11 @@ class WeightWriter(L.Callback):
     def write(self, module: AnyEditModule) -> None:
         raise NotImplementedError
 
+    def validate(self) -> None:
+        """Raise ``WriterConfigError`` for a setting of the wrong type or out of range (before any write)."""
+
     def setup(self, trainer: L.Trainer, pl_module: AnyEditModule, stage: str) -> None:
+        self.validate()  # again: settings may have been changed since __init__
         self.prepare(pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: AnyEditModule) -> None:

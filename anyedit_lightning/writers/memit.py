@@ -1,4 +1,4 @@
-"""MEMIT's least-squares write (ALGORITHM.md §4.3): ``ΔW = Δz Kᵀ (λC + K_p K_pᵀ + K Kᵀ)⁻¹``."""
+"""MEMIT's least-squares write (docs/algorithm.md §4.3): ``ΔW = Δz Kᵀ (λC + K_p K_pᵀ + K Kᵀ)⁻¹``."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..checks import WriterConfigError, check_bool, check_int, check_real
 from ..stats import CovarianceStats, compute_covariance
 from .base import WeightWriter, add_to_down_proj
 
@@ -33,6 +34,19 @@ class CovarianceWriter(WeightWriter):
             solve_dtype,
         )
         self.check_fingerprint = check_fingerprint
+        CovarianceWriter.validate(self)
+
+    def validate(self) -> None:
+        if self.stats is not None and not isinstance(self.stats, CovarianceStats):
+            raise WriterConfigError(
+                f"stats must be CovarianceStats (from compute_covariance) or None, got {type(self.stats).__name__}."
+            )
+        check_int("stats_tokens", self.stats_tokens, 1, WriterConfigError)
+        if not isinstance(self.solve_dtype, torch.dtype) or not self.solve_dtype.is_floating_point:
+            raise WriterConfigError(
+                f"solve_dtype={self.solve_dtype!r}: must be a floating torch.dtype, e.g. torch.float64."
+            )
+        check_bool("check_fingerprint", self.check_fingerprint, error=WriterConfigError)
 
     def prepare(self, module: AnyEditModule) -> None:
         if self.stats is None or any(layer not in self.stats.matrices for layer in module.config.layers):
@@ -64,6 +78,16 @@ class MemitWrite(CovarianceWriter):
     def __init__(self, mom2_weight: float = 15000.0, **kwargs):
         super().__init__(**kwargs)
         self.mom2_weight = mom2_weight
+        MemitWrite.validate(self)
+
+    def validate(self) -> None:
+        super().validate()
+        check_real(
+            "mom2_weight",
+            self.mom2_weight,
+            error=WriterConfigError,
+            hint=" It is λ, the weight of C_l (0 unbinds the solve).",
+        )
 
     def write(self, module: AnyEditModule) -> None:
         q = len(module.config.layers)

@@ -1,4 +1,4 @@
-"""UnKE's write (ALGORITHM.md §4.3): fine-tune a whole decoder layer so its outputs carry the residual
+"""UnKE's write (docs/algorithm.md §4.3): fine-tune a whole decoder layer so its outputs carry the residual
 at the key positions while its outputs on generic text stay as they were."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..batching import pad_right
+from ..checks import WriterConfigError, check_int, check_real
 from ..corpus import wikipedia_sample
 from ..hooks import StopForward, hidden_of, run_until
 from .base import WeightWriter
@@ -69,6 +70,24 @@ class UnkeWrite(WeightWriter):
         self.lr, self.steps, self.weight_decay = lr, steps, weight_decay
         self.preservation_texts = preservation_texts
         self.preservation_count, self.max_preservation_tokens = preservation_count, max_preservation_tokens
+        UnkeWrite.validate(self)
+
+    def validate(self) -> None:
+        check_real("lr", self.lr, error=WriterConfigError)
+        check_int("steps", self.steps, 1, WriterConfigError)
+        check_real("weight_decay", self.weight_decay, inclusive=True, error=WriterConfigError)
+        check_int("preservation_count", self.preservation_count, 1, WriterConfigError)
+        check_int("max_preservation_tokens", self.max_preservation_tokens, 1, WriterConfigError)
+        texts = self.preservation_texts
+        if texts is not None and (
+            not isinstance(texts, (list, tuple))
+            or not texts
+            or not all(isinstance(t, str) and t.strip() for t in texts)
+        ):
+            raise WriterConfigError(
+                "preservation_texts must be None or a non-empty list of non-empty strings, got "
+                f"{texts!r:.80}."
+            )
 
     def parameter_names(self, module: AnyEditModule) -> list[str]:
         names = []
