@@ -85,7 +85,7 @@ def edit(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     requests: EditRequest | Sequence[EditRequest],
-    method: Method = "memit",
+    method: Method | None = None,
     anyedit: bool = True,
     preset: str = "smollm2-135m-instruct",
     stats: CovarianceStats | None = None,
@@ -97,12 +97,16 @@ def edit(
 ) -> AnyEditModule:
     """Edit ``requests`` into ``model`` in place; returns the finished module (metrics, ``edit_record``).
 
+    ``method=None`` takes the preset's recommended method: for the embedded SmolLM2, UnKE+AnyEdit, the
+    configuration that leaves unrelated answers most intact (docs/faithful.md).
+
     Example:
         >>> module = edit(model, tok, EditRequest("Who is Ada Quill?", long_answer), method="memit", anyedit=True)
     """
     if isinstance(requests, EditRequest):
         requests = [requests]
     chosen = get_preset(preset)
+    method = method or chosen.method
     config = chosen.config(method, anyedit, **config_overrides)
     if writer is None:
         options = {
@@ -128,7 +132,7 @@ def edit_sequentially(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     requests: Sequence[EditRequest],
-    method: Method = "memit",
+    method: Method | None = None,
     anyedit: bool = True,
     stats: CovarianceStats | None = None,
     callback: Callable[[int, AnyEditModule], None] | None = None,
@@ -156,13 +160,14 @@ def edit_sequentially(
     if not requests:
         raise ValueError("No edit requests were given.")
     writer_kwargs = dict(kwargs.pop("writer_kwargs", None) or {})
+    chosen = get_preset(kwargs.get("preset", "smollm2-135m-instruct"))
+    method = method or chosen.method
     covariance = method != "unke" and kwargs.get("writer") is None
     if covariance:
-        chosen = get_preset(kwargs.get("preset", "smollm2-135m-instruct"))
         overrides = {k: v for k, v in kwargs.items() if k not in _EDIT_ARGS}
         layers = chosen.config(method, anyedit, **overrides).layers
         if stats is None:
-            corpus = {"corpus": writer_kwargs["corpus"]} if "corpus" in writer_kwargs else {}
+            corpus = {"corpus": writer_kwargs.get("corpus", chosen.stats_corpus(method))}
             stats = compute_covariance(
                 model,
                 tokenizer,

@@ -26,6 +26,10 @@ class EditConfig:
             ``0..z`` at every step (they cannot change inside a chunk's optimisation).
         preserve_keys: use the other positions of the edited sequences as ``K_p`` in the write (AnyEdit's
             addition); ``None`` follows ``anyedit``.
+        first_key: where the first chunk's δ goes: ``"prompt_end"`` (the last prompt token, the authors'
+            choice) or ``"content_end"`` (the last token of the user's own text, before the chat template's
+            closing markup). The template's last token is the same in every chat prompt, so a δ written
+            there reaches every prompt's answer (docs/faithful.md).
     """
 
     layers: list[int] = field(default_factory=lambda: [4, 5, 6, 7, 8])
@@ -42,6 +46,7 @@ class EditConfig:
     fast: bool = True
     skip_lower_layers: bool = True
     preserve_keys: bool | None = None
+    first_key: Literal["prompt_end", "content_end"] = "prompt_end"
 
     def __post_init__(self) -> None:
         check_config_fields(self)  # types and ranges now; validate_config adds the model-dependent checks

@@ -28,6 +28,7 @@ from typing import Any
 from .paths import default_data_dir
 
 WIKIPEDIA_SAMPLE = "wikipedia-sample"
+WIKIPEDIA_CHAT = "wikipedia-chat"
 EXTRACTED_SAMPLE = "wikipedia_sample.jsonl.gz"
 _DUMP = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 _INSTALL_HINT = "python -m pip install --no-deps gensim"
@@ -113,6 +114,45 @@ def wikipedia_sample() -> Iterator[str]:
     yield from articles[: max(0, len(articles) - HELDOUT_ARTICLES)]
 
 
+_ASKS = (
+    "Tell me about this: {}",
+    "Can you explain the following? {}",
+    "Continue this text: {}",
+    "What do you know about this? {}",
+)
+
+
+def wikipedia_chat(tokenizer: Any, min_chars: int = 200) -> list[str]:
+    """The statistics articles as chat exchanges, rendered with ``tokenizer``'s chat template.
+
+    Edits are keyed on chat-formatted text (system prompt, user turn, assistant turn), which raw articles
+    never show the model; statistics of the unedited model on such text are what the write must keep
+    (docs/faithful.md). Each paragraph becomes one exchange: its first sentence, after one of a few fixed
+    requests, is the user turn and the rest the assistant's answer. The texts come from
+    :func:`wikipedia_sample` only, so they share nothing with the held-out perplexity text or any
+    benchmark record. Deterministic.
+    """
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(
+            f"corpus={WIKIPEDIA_CHAT!r} renders chat turns, but this tokenizer has no chat template; "
+            f"use corpus={WIKIPEDIA_SAMPLE!r}."
+        )
+    texts, n = [], 0
+    for article in wikipedia_sample():
+        for paragraph in article.split("\n\n"):
+            paragraph = " ".join(paragraph.split())
+            head, _, rest = paragraph.partition(". ")
+            if len(paragraph) < min_chars or not rest:
+                continue
+            messages = [
+                {"role": "user", "content": _ASKS[n % len(_ASKS)].format(head + ".")},
+                {"role": "assistant", "content": rest},
+            ]
+            texts.append(tokenizer.apply_chat_template(messages, tokenize=False))
+            n += 1
+    return texts
+
+
 def wikipedia_heldout() -> list[str]:
     """The last ``HELDOUT_ARTICLES`` articles: plain text for perplexity, disjoint from the statistics."""
     articles = list(wikipedia_articles())
@@ -159,14 +199,20 @@ def _digest(texts: Iterable[str]) -> str:
     return digest.hexdigest()[:12]
 
 
-def resolve_corpus(corpus: Any) -> tuple[str, Iterable[str]]:
-    """A corpus name (part of the statistics' cache key) and its texts."""
+def resolve_corpus(corpus: Any, tokenizer: Any = None) -> tuple[str, Iterable[str]]:
+    """A corpus name (part of the statistics' cache key) and its texts (``wikipedia-chat`` needs the
+    tokenizer whose chat template renders it)."""
     if isinstance(corpus, str) and corpus == WIKIPEDIA_SAMPLE:
         return corpus, wikipedia_sample()
+    if isinstance(corpus, str) and corpus == WIKIPEDIA_CHAT:
+        if tokenizer is None:
+            raise ValueError(f"corpus={WIKIPEDIA_CHAT!r} needs the tokenizer whose chat template renders it.")
+        texts = wikipedia_chat(tokenizer)
+        return f"{WIKIPEDIA_CHAT}-{_digest(texts)}", texts
     if isinstance(corpus, (str, os.PathLike)):
         if not _is_file(corpus):
             raise ValueError(
-                f"Unknown corpus {str(corpus)!r}: not {WIKIPEDIA_SAMPLE!r} and not a file. Pass a .txt/.jsonl "
+                f"Unknown corpus {str(corpus)!r}: not {WIKIPEDIA_SAMPLE!r}, {WIKIPEDIA_CHAT!r} or a file. Pass a .txt/.jsonl "
                 "file, a list of them, a `datasets` dataset with a 'text' column, or an iterable of texts."
             )
         corpus = [corpus]

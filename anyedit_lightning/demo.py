@@ -49,7 +49,9 @@ def answer(model, tokenizer, question: str, max_new_tokens: int) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="anyedit_lightning demo", description=__doc__)
     parser.add_argument("--model", default=EMBEDDED_MODEL)
-    parser.add_argument("--method", default="memit", choices=["memit", "alphaedit", "unke"])
+    parser.add_argument(
+        "--method", default=None, choices=["memit", "alphaedit", "unke"], help="default: the preset's"
+    )
     parser.add_argument("--stats_tokens", type=int, default=20_000)
     parser.add_argument("--max_new_tokens", type=int, default=200)
     args = parser.parse_args(argv)
@@ -62,11 +64,14 @@ def main(argv: list[str] | None = None) -> None:
     print(f"Target ({len(tokenizer(TARGET)['input_ids'])} tokens): {TARGET}\n")
 
     preset = get_preset("smollm2-135m-instruct")
+    args.method = args.method or preset.method
     layers = preset.config(args.method, True).layers
     t0 = time.perf_counter()
     stats = None
     if args.method != "unke":
-        stats = compute_covariance(model, tokenizer, layers, max_tokens=args.stats_tokens)
+        stats = compute_covariance(
+            model, tokenizer, layers, corpus=preset.stats_corpus(args.method), max_tokens=args.stats_tokens
+        )
         print(
             f"Covariance statistics ({args.stats_tokens} tokens, cached after the first run): {time.perf_counter() - t0:.1f} s"
         )

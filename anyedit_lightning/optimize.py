@@ -81,10 +81,15 @@ class RequestPlan:
     chunks: list[Chunk]
     deltas: list[torch.Tensor] = field(default_factory=list)
     h_init: list[torch.Tensor] = field(default_factory=list)
+    first_key: int | None = None
+    """Where the first chunk's δ goes instead of the last prompt token (``EditConfig.first_key``)."""
 
     @property
     def keys(self) -> list[int]:
-        return key_positions(self.tokenized.prompt_len, self.chunks)
+        keys = key_positions(self.tokenized.prompt_len, self.chunks)
+        if self.first_key is not None and self.chunks and self.chunks[0].start == 0:
+            keys[0] = self.first_key
+        return keys
 
     @property
     def targets(self) -> torch.Tensor:
@@ -107,7 +112,8 @@ def plan_requests(
     plans = []
     for request in requests:
         tokenized = tokenize_request(tokenizer, request)
-        plans.append(RequestPlan(tokenized, chunker(tokenized.target_ids, tokenizer)))
+        first = tokenized.content_end if config.first_key == "content_end" else None
+        plans.append(RequestPlan(tokenized, chunker(tokenized.target_ids, tokenizer), first_key=first))
     return plans
 
 
@@ -133,6 +139,11 @@ class _Active:
     def labels(self) -> list[int]:
         p = self.plan.tokenized.prompt_len
         return list(self.plan.tokenized.ids[p + self.chunk.start : p + self.chunk.end])
+
+    @property
+    def first_logit(self) -> int:
+        """The position whose logits predict the chunk's first token (the key, unless ``first_key`` moved it)."""
+        return self.plan.tokenized.prompt_len + self.chunk.start - 1
 
 
 class DeltaOptimizer:
@@ -325,7 +336,7 @@ class DeltaOptimizer:
         ids, mask = pad_right(seqs, self.pad_id, device)
         n = max(len(a.chunk) for a in active)
         index = torch.stack(
-            [torch.arange(n, device=device).clamp_max(len(a.chunk) - 1) + a.key for a in active]
+            [torch.arange(n, device=device).clamp_max(len(a.chunk) - 1) + a.first_logit for a in active]
         )
         return {
             "ids": ids,
@@ -343,7 +354,12 @@ class DeltaOptimizer:
         width = ids.shape[1]
         position_ids = torch.stack([torch.arange(width, device=device) + a.key for a in active])
         n = max(len(a.chunk) for a in active)
-        index = torch.stack([torch.arange(n, device=device).clamp_max(len(a.chunk) - 1) for a in active])
+        index = torch.stack(
+            [
+                torch.arange(n, device=device).clamp_max(len(a.chunk) - 1) + a.first_logit - a.key
+                for a in active
+            ]
+        )
         empty = {
             "rows": [],
             "positions": [],

@@ -60,6 +60,8 @@ class TokenizedRequest:
     request: EditRequest
     prompt_ids: tuple[int, ...]
     target_ids: tuple[int, ...]
+    content_end: int | None = None
+    """Position of the last token of the user's own text in a chat prompt (None for raw prompts)."""
 
     @property
     def ids(self) -> tuple[int, ...]:
@@ -170,7 +172,21 @@ def tokenize_request(tokenizer: PreTrainedTokenizerBase, request: EditRequest) -
         target_ids = target_ids + [eot]
     if not prompt_ids_:
         raise RequestError(f"prompt {request.prompt[:40]!r} tokenizes to nothing")
-    return TokenizedRequest(request, tuple(int(i) for i in prompt_ids_), tuple(int(i) for i in target_ids))
+    return TokenizedRequest(
+        request,
+        tuple(int(i) for i in prompt_ids_),
+        tuple(int(i) for i in target_ids),
+        None if request.raw_prompt else _content_end(tokenizer, prompt_ids_),
+    )
+
+
+def _content_end(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> int | None:
+    """The last position before the template's closing markup (``<|im_end|>…assistant\n``), found by
+    rendering a sentinel; None when the ids do not end with that markup."""
+    sentinel = "ANYEDIT_PROMPT_SENTINEL"
+    after = _encode(tokenizer, render_prompt(tokenizer, sentinel).split(sentinel, 1)[1], False)
+    end = len(ids) - len(after) - 1
+    return end if end >= 0 and list(ids[end + 1 :]) == after else None
 
 
 def prompt_text(tokenizer: PreTrainedTokenizerBase, request: EditRequest) -> str:

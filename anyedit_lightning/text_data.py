@@ -104,7 +104,7 @@ class TextCorpusDataModule(L.LightningDataModule):
             seq_len,
             tokens_per_batch,
         )
-        self.corpus_name, self._texts = resolve_corpus(corpus)
+        self.corpus_name, self._texts = resolve_corpus(corpus, tokenizer)
         self._batches: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     @property

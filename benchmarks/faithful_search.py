@@ -12,9 +12,13 @@ and restores the weights bit-exactly. Rows append to a JSONL file, one per (tria
 
     OMP_NUM_THREADS=2 python benchmarks/faithful_search.py --records 0 2 3 \\
         --trial '{"name": "preset"}' --trial '{"name": "clamp1", "edit": {"clamp": 1.0}}' --out search.jsonl
+    python benchmarks/faithful_search.py --out search.jsonl --plot pareto.png --chosen NAME
+    python benchmarks/faithful_search.py --out search.jsonl --table
 
 A trial is JSON: ``edit`` (EditConfig overrides), ``writer`` (writer kwargs), ``method``, ``corpus``
-(``"wikipedia"``, ``"chat"``: UnKEBench records 50-999 as chat turns, or ``"mix"``: both).
+(``"wikipedia"``, ``"wikichat"``: the statistics articles as chat turns, ``"chat"``: UnKEBench records
+50-999 as chat turns, or ``"mix"``: chat and wikipedia); for UnKE the corpus gives ``preservation``
+texts instead of statistics.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import torch
 
 from anyedit_lightning import edit, load_model
 from anyedit_lightning.benchmarks import get_datamodule
-from anyedit_lightning.corpus import resolve_corpus
+from anyedit_lightning.corpus import resolve_corpus, wikipedia_chat
 from anyedit_lightning.evaluation.generation import generate_batch, stop_token_ids
 from anyedit_lightning.metrics import rouge_l_recall
 from anyedit_lightning.requests import EditRequest, prompt_text
@@ -117,16 +121,20 @@ class Reference:
         return torch.nn.functional.cross_entropy(logits, self.text_ids[0, 1:]).item()
 
     def score(self):
-        agree, total, kl = 0, 0, 0.0
+        """Agreement and KL over all answer positions, agreement at the first answer position, ppl ratio."""
+        agree, total, kl, first = 0, 0, 0.0, 0
         for (ids, ans), ref in zip(self.rows, self.logp):
             x = torch.tensor([ids + ans])
             with torch.no_grad():
                 logits = self.model(input_ids=x).logits[0, len(ids) - 1 : len(ids) + len(ans) - 1]
             lp = torch.log_softmax(logits.float(), -1)
-            agree += int((lp.argmax(-1) == torch.tensor(ans)).sum())
+            same = lp.argmax(-1) == torch.tensor(ans)
+            agree += int(same.sum())
+            first += int(same[0])
             total += len(ans)
             kl += float((ref.exp() * (ref - lp)).sum())
-        return agree / total, kl / total, float(torch.tensor(self._nll() - self.nll).exp())
+        ppl = float(torch.tensor(self._nll() - self.nll).exp())
+        return agree / total, kl / total, first / len(self.rows), ppl
 
 
 def answer(model, tokenizer, question, max_new_tokens):
@@ -135,13 +143,75 @@ def answer(model, tokenizer, question, max_new_tokens):
     )[0]
 
 
+def _trials(rows_path: str) -> dict[str, list[dict]]:
+    trials: dict[str, list[dict]] = {}
+    for line in Path(rows_path).read_text().splitlines():
+        row = json.loads(line)
+        trials.setdefault(row["trial"], []).append(row)
+    return trials
+
+
+def markdown_table(rows_path: str) -> str:
+    """One line per trial: means over its records (the table in docs/faithful.md)."""
+    keys = ("rougeL", "para", "agree", "agree0", "kl", "ppl", "seconds")
+    lines = [
+        "| # | trial | method | records | ROUGE-L | para | agreement | first-token agr. | KL | ppl × | s/edit |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for number, (name, rows) in enumerate(_trials(rows_path).items(), 1):
+        mean = {k: sum(r[k] or 0.0 for r in rows) / len(rows) for k in keys}
+        records = ",".join(str(r["record"]) for r in rows)
+        method = rows[0]["spec"].get("method", "memit")
+        cells = [f"{mean[k]:.3f}" for k in keys[:-1]] + [f"{mean['seconds']:.0f}"]
+        lines.append(f"| {number} | {name} | {method} | {records} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def pareto_plot(rows_path: str, out: str, chosen_names: list[str]) -> None:
+    """Mean efficacy vs mean locality agreement per trial (one point each, by method), chosen points ringed."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    trials = _trials(rows_path)
+    colours = {"memit": "tab:blue", "alphaedit": "tab:green", "unke": "tab:red"}
+    fig, ax = plt.subplots(figsize=(8, 6))
+    for number, (name, rows) in enumerate(trials.items(), 1):
+        method = rows[0]["spec"].get("method", "memit")
+        x = sum(r["agree"] for r in rows) / len(rows)
+        y = sum(r["rougeL"] for r in rows) / len(rows)
+        chosen = name in chosen_names
+        ax.scatter(x, y, c=colours.get(method, "k"), s=90 if chosen else 30, edgecolors="k" if chosen else None)
+        ax.annotate(str(number), (x, y), fontsize=8, xytext=(3, 3), textcoords="offset points")
+    for method, colour in colours.items():
+        ax.scatter([], [], c=colour, label=method)
+    ax.axvline(0.95, ls=":", c="grey")
+    ax.axhline(0.95, ls=":", c="grey")
+    ax.set_xlabel("locality agreement (search prompts, mean over dev records)")
+    ax.set_ylabel("efficacy ROUGE-L recall (mean over dev records)")
+    ax.set_title("Faithful-edits search on SmolLM2-135M (dev records; numbers: table rows; large: chosen)")
+    ax.legend(loc="lower left")
+    fig.tight_layout()
+    fig.savefig(out, dpi=130)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--records", type=int, nargs="+", default=[0])
     parser.add_argument("--dataset", default="unkebench")
-    parser.add_argument("--trial", action="append", required=True)
+    parser.add_argument("--trial", action="append")
     parser.add_argument("--out", default="search.jsonl")
+    parser.add_argument("--plot", metavar="PNG", help="only draw the Pareto plot of --out's rows into PNG")
+    parser.add_argument("--chosen", nargs="*", default=[], help="trial names drawn as chosen points")
+    parser.add_argument("--table", action="store_true", help="only print --out's trials as a markdown table")
     args = parser.parse_args()
+    if args.table:
+        return print(markdown_table(args.out))
+    if args.plot:
+        return pareto_plot(args.out, args.plot, args.chosen)
+    if not args.trial:
+        parser.error("give at least one --trial (or --plot)")
     torch.manual_seed(0)
     model, tokenizer = load_model()
     data = get_datamodule(args.dataset, start=0, limit=20, split="dev")
@@ -152,7 +222,14 @@ def main() -> None:
         trial = json.loads(spec)
         corpus = trial.get("corpus", "wikipedia")
         writer = dict(trial.get("writer", {}))
-        if corpus != "wikipedia":
+        if corpus == "wikichat":  # the statistics articles as chat turns (corpus.wikipedia_chat)
+            if trial.get("method") == "unke":
+                texts = wikipedia_chat(tokenizer)
+                count = trial.get("preservation", 20)
+                writer["preservation_texts"] = texts[:: max(1, len(texts) // count)][:count]
+            else:
+                writer["corpus"] = "wikipedia-chat"
+        elif corpus != "wikipedia":
             if corpus not in corpora:
                 chat = chat_texts(tokenizer)
                 corpora[corpus] = (
@@ -160,7 +237,10 @@ def main() -> None:
                     if corpus == "chat"
                     else [t for pair in zip(chat, list(resolve_corpus("wikipedia-sample")[1])) for t in pair]
                 )
-            writer["corpus"] = corpora[corpus]
+            if trial.get("method") == "unke":  # UnKE preserves its layer's outputs on texts, not on C
+                writer["preservation_texts"] = corpora[corpus][: trial.get("preservation", 20)]
+            else:
+                writer["corpus"] = corpora[corpus]
         for index in args.records:
             request = requests[index]
             t0 = time.perf_counter()
@@ -181,7 +261,7 @@ def main() -> None:
                 if request.extra.get("para_prompt")
                 else None
             )
-            agree, kl, ppl = ref.score()
+            agree, kl, agree0, ppl = ref.score()
             france = answer(model, tokenizer, "What is the capital of France?", 24).text
             row = {
                 "trial": trial.get("name"),
@@ -192,6 +272,7 @@ def main() -> None:
                 "para": round(rouge_l_recall(para.text, request.target), 3) if para else None,
                 "stopped": gen.stopped if hasattr(gen, "stopped") else None,
                 "agree": round(agree, 4),
+                "agree0": round(agree0, 3),
                 "kl": round(kl, 4),
                 "ppl": round(ppl, 4),
                 "delta_norm": round(

@@ -39,7 +39,9 @@ def main() -> None:
             layers = sorted(
                 set(preset.config(method, True).layers) | set(preset.config(method, False).layers)
             )
-            stats = compute_covariance(model, tokenizer, layers, max_tokens=preset.stats_tokens)
+            stats = compute_covariance(
+                model, tokenizer, layers, corpus=preset.stats_corpus(method), max_tokens=preset.stats_tokens
+            )
         for anyedit in (False, True):
             name = method.upper().replace("ALPHAEDIT", "AlphaEdit").replace("UNKE", "UnKE") + (
                 "+AnyEdit" if anyedit else ""

@@ -42,7 +42,11 @@ def main() -> None:
     base = {k: v.clone() for k, v in model.state_dict().items()}
     preset = get_preset("smollm2-135m-instruct")
     stats = compute_covariance(
-        model, tokenizer, preset.config(args.method, True).layers, max_tokens=preset.stats_tokens
+        model,
+        tokenizer,
+        preset.config(args.method, True).layers,
+        corpus=preset.stats_corpus(args.method),
+        max_tokens=preset.stats_tokens,
     )
     rows = []
     for length in args.lengths:

@@ -13,10 +13,13 @@ import pytest
 from tiny import CORPUS, build_tokenizer, tiny_model
 
 from anyedit_lightning.corpus import (
+    WIKIPEDIA_CHAT,
     WIKIPEDIA_SAMPLE,
     dump_articles,
     extracted_sample_path,
     resolve_corpus,
+    wikipedia_chat,
+    wikipedia_heldout,
     wikipedia_sample,
 )
 from anyedit_lightning.stats import CovarianceModule, compute_covariance
@@ -72,7 +75,7 @@ def test_bad_corpus_files_are_refused_clearly(
 
 
 def test_unknown_names_and_non_text_items_are_refused() -> None:
-    with pytest.raises(ValueError, match="not 'wikipedia-sample' and not a file"):
+    with pytest.raises(ValueError, match="not 'wikipedia-sample', 'wikipedia-chat' or a file"):
         resolve_corpus("wikipedia-full")
     with pytest.raises(TypeError, match="strings"):
         resolve_corpus(["a text", 3])
@@ -130,3 +133,22 @@ def test_statistics_run_through_trainer_test_with_the_datamodule(monkeypatch: py
     for layer in (1, 2):
         assert (via_trainer[layer] - plain[layer]).abs().max() < 1e-12
     assert WIKIPEDIA_SAMPLE == "wikipedia-sample"
+
+
+def test_chat_corpus_renders_statistics_articles_as_exchanges() -> None:
+    """``wikipedia-chat``: every text is one rendered user/assistant exchange whose answer comes from the
+    statistics articles (never the held-out ones); deterministic, so its cache name is stable."""
+    tok = build_tokenizer()
+    texts = wikipedia_chat(tok)
+    assert len(texts) > 500
+    assert all(t.count("<|im_start|>user") == 1 and t.count("<|im_start|>assistant") == 1 for t in texts)
+    answer = texts[7].split("<|im_start|>assistant\n", 1)[1].split("<|im_end|>", 1)[0]
+    assert any(answer[:80] in " ".join(a.split()) for a in wikipedia_sample())
+    assert not any(answer[:80] in " ".join(a.split()) for a in wikipedia_heldout())
+    name, again = resolve_corpus(WIKIPEDIA_CHAT, tok)
+    assert name == resolve_corpus(WIKIPEDIA_CHAT, tok)[0] and list(again) == texts
+    with pytest.raises(ValueError, match="needs the tokenizer"):
+        resolve_corpus(WIKIPEDIA_CHAT)
+    plain = build_tokenizer(chat_template=False)
+    with pytest.raises(ValueError, match="no chat template"):
+        wikipedia_chat(plain)

@@ -1,6 +1,7 @@
 """End-to-end edits on the embedded SmolLM2 (issue 3): long fictional targets the model cannot know.
 
-CI runs one request with the best AnyEdit configuration and its single-token baseline; set
+CI runs one request with the recommended configuration (the preset's method) and its single-token
+baseline, and checks what the edit did to unrelated answers; set
 ``ANYEDIT_FULL_E2E=1`` to run all three requests (one of them code) and every method.
 """
 
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 from anyedit_lightning import EditRequest, compute_covariance, edit, get_preset
-from anyedit_lightning.evaluation import generate_batch
+from anyedit_lightning.evaluation import FaithfulnessOptions, edit_report, generate_batch
 from anyedit_lightning.metrics import rouge_l_recall
 from anyedit_lightning.requests import prompt_text
 
@@ -33,22 +34,31 @@ def _regenerate(model, tokenizer, request: EditRequest) -> str:
     return generate_batch(model, tokenizer, [prompt_text(tokenizer, request)], max_new_tokens=n + 30)[0].text
 
 
+PRESET = get_preset("smollm2-135m-instruct")
+#: Probe sizes for the locality check: 24 everyday prompts and 2,048 held-out tokens (docs/faithful.md).
+LOCALITY = FaithfulnessOptions(
+    locality_prompts=24, cross_questions=0, neighbours=0, fluency_prompts=0, perplexity_tokens=2048
+)
+
+
 @pytest.fixture(scope="module")
 def smol(smollm2):
     model, tokenizer = smollm2
-    preset = get_preset("smollm2-135m-instruct")
-    layers = sorted(set(preset.config("memit", True).layers) | set(preset.config("memit", False).layers))
-    stats = compute_covariance(model, tokenizer, layers, max_tokens=preset.stats_tokens)
+    layers = sorted(set(PRESET.config("memit", True).layers) | set(PRESET.config("memit", False).layers))
+    stats = compute_covariance(
+        model, tokenizer, layers, corpus=PRESET.stats_corpus("memit"), max_tokens=PRESET.stats_tokens
+    )
     base = {k: v.clone() for k, v in model.state_dict().items()}
     yield model, tokenizer, stats
     model.load_state_dict(base)
 
 
-def _edit_and_score(smol, request, method, anyedit):
+def _edit_and_score(smol, request, method, anyedit, report=False):
+    """ROUGE-L recall of the regenerated answer, and (``report``) the edit's locality report."""
     model, tokenizer, stats = smol
     base = {k: v.clone() for k, v in model.state_dict().items()}
     try:
-        edit(
+        module = edit(
             model,
             tokenizer,
             request,
@@ -57,30 +67,40 @@ def _edit_and_score(smol, request, method, anyedit):
             stats=stats if method != "unke" else None,
             trainer_kwargs=dict(enable_progress_bar=False, logger=False),
         )
-        return rouge_l_recall(_regenerate(model, tokenizer, request), request.target)
+        rouge = rouge_l_recall(_regenerate(model, tokenizer, request), request.target)
+        return rouge, edit_report(model, tokenizer, module, options=LOCALITY) if report else None
     finally:
         with torch.no_grad():
             model.load_state_dict(base)
 
 
 @pytest.mark.parametrize("request_index", range(len(REQUESTS)) if FULL else [0])
-def test_best_anyedit_reproduces_a_long_target_and_beats_its_baseline(smol, request_index):
+def test_recommended_edit_takes_and_leaves_unrelated_answers_alone(smol, request_index):
+    """The default method and preset: the long target comes back, beating the single-token baseline, while
+    the unedited model's answers to everyday prompts and held-out text barely move (the old preset, δ on
+    the template's last token and 4x the hidden norm, scored agreement 0.5-0.7 and perplexity 1.2-1.4x)."""
     request = REQUESTS[request_index]
     tokens = len(smol[1](request.target)["input_ids"])
     assert tokens >= 150, tokens
-    anyedit = _edit_and_score(smol, request, "memit", True)
-    baseline = _edit_and_score(smol, request, "memit", False)
-    print(f"request {request_index}: MEMIT+AnyEdit ROUGE-L {anyedit:.3f}, MEMIT {baseline:.3f}")
-    assert anyedit >= 0.8, f"MEMIT+AnyEdit reached ROUGE-L recall {anyedit:.3f} < 0.8"
+    method = PRESET.method
+    anyedit, report = _edit_and_score(smol, request, method, True, report=True)
+    baseline, _ = _edit_and_score(smol, request, method, False)
+    print(
+        f"request {request_index}: {method}+AnyEdit ROUGE-L {anyedit:.3f}, {method} {baseline:.3f}, "
+        f"locality agreement {report.locality_agreement:.3f}, perplexity x{report.perplexity_ratio:.3f}"
+    )
+    assert anyedit >= 0.8, f"{method}+AnyEdit reached ROUGE-L recall {anyedit:.3f} < 0.8"
     assert anyedit > baseline, f"AnyEdit {anyedit:.3f} did not beat its single-token baseline {baseline:.3f}"
+    assert report.locality_agreement >= 0.85, report.locality_agreement
+    assert report.perplexity_ratio <= 1.03, report.perplexity_ratio
 
 
 @pytest.mark.skipif(not FULL, reason="set ANYEDIT_FULL_E2E=1 (slow: every method on every request)")
-@pytest.mark.parametrize("method", ["alphaedit", "unke"])
+@pytest.mark.parametrize("method", ["memit", "alphaedit", "unke"])
 @pytest.mark.parametrize("request_index", range(len(REQUESTS)))
 def test_every_anyedit_variant_beats_its_baseline(smol, method, request_index):
     request = REQUESTS[request_index]
-    anyedit = _edit_and_score(smol, request, method, True)
-    baseline = _edit_and_score(smol, request, method, False)
+    anyedit, _ = _edit_and_score(smol, request, method, True)
+    baseline, _ = _edit_and_score(smol, request, method, False)
     print(f"request {request_index}: {method}+AnyEdit {anyedit:.3f}, {method} {baseline:.3f}")
     assert anyedit > baseline

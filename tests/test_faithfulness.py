@@ -104,6 +104,29 @@ def test_destructive_write_is_caught_and_weights_are_kept(tokenizer):
     assert torch.equal(params[DOWN], edited)  # the edited weights are back, bit-exactly
 
 
+def test_replayed_lower_layers_and_shared_prefix_give_the_same_scores(tokenizer):
+    from anyedit_lightning.evaluation.faithfulness import FaithfulnessProbe
+    from anyedit_lightning.metrics.forced import forced_logprobs
+
+    model = tiny_model("llama")
+    probe = FaithfulnessProbe(model, tokenizer, None, SMALL).prepare([REQUEST.prompt])
+    items = probe.sets["locality"].items
+    full = dict(forced_logprobs(model, items, 4))
+    shared = dict(forced_logprobs(model, items, 4, probe._prefix()))
+    assert probe._template and all(torch.allclose(full[i], shared[i], atol=1e-4) for i in full)
+    before = fake_module(model).edit_record.before
+    unchanged = [probe.measure_edit(touched=before.keys()) for _ in range(2)]  # recorded, then replayed
+    assert all(u["locality_agreement"] == 1.0 and u["locality_kl"] == 0.0 for u in unchanged)
+    assert unchanged[1]["perplexity_ratio"] == 1.0
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        params[DOWN].add_(torch.randn(params[DOWN].shape, generator=torch.Generator().manual_seed(0)))
+    rerun, replayed = probe.measure_edit(), probe.measure_edit(touched=before.keys())
+    keys = ("locality_agreement", "locality_kl", "cross_kl", "perplexity_ratio")
+    assert all(rerun.get(k) == replayed.get(k) for k in keys) and rerun["locality_kl"] > 0
+    assert probe.measure_neighbourhood(REQUEST.prompt, before)["neighbourhood_kl"] > 0
+
+
 def test_coarse_kl_is_zero_for_equal_and_positive_for_different():
     logp = torch.log_softmax(torch.randn(5, 50, generator=torch.Generator().manual_seed(1)), -1)
     values, ids = logp.topk(8, -1)

@@ -131,6 +131,8 @@ BAD_WRITER = st.one_of(
         st.just("unke"), st.sampled_from(["preservation_count", "max_preservation_tokens"]), bad_int(1)
     ),
     st.tuples(st.just("unke"), st.just("preservation_texts"), st.sampled_from(["one text", [], [""], [3]])),
+    st.tuples(st.just("unke"), st.just("preservation_weight"), bad_positive_real()),
+    st.tuples(st.just("unke"), st.just("preservation_corpus"), st.sampled_from(["wiki", "", 3])),
 )
 
 
@@ -205,7 +207,15 @@ def test_reported_config_cases_have_clear_messages(model, tok, overrides, messag
 def test_zero_negative_or_nan_lambda_is_refused(model, tok, value):
     before = snapshot(model)
     with pytest.raises(WriterConfigError, match=r"mom2_weight=.*must be a finite number > 0"):
-        edit(model, tok, REQUEST, layers=LAYERS, trainer_kwargs=TRAINER, writer_kwargs={"mom2_weight": value})
+        edit(
+            model,
+            tok,
+            REQUEST,
+            method="memit",
+            layers=LAYERS,
+            trainer_kwargs=TRAINER,
+            writer_kwargs={"mom2_weight": value},
+        )
     assert unchanged(model, before)
 
 

@@ -33,7 +33,9 @@ REQUESTS = [
     EditRequest("What is Brask?", "Brask is a river town famous for blue glass."),
     EditRequest("Who wrote The Salt Clock?", "The Salt Clock was written by Mira Okonde."),
 ]
-EDIT_KWARGS = dict(layers=LAYERS, v_steps=5, preset="smollm2-135m-instruct", trainer_kwargs=QUIET)
+EDIT_KWARGS = dict(
+    method="memit", layers=LAYERS, v_steps=5, preset="smollm2-135m-instruct", trainer_kwargs=QUIET
+)
 
 
 def small_stats(model, tokenizer):
@@ -353,7 +355,6 @@ def test_edit_sequentially(tiny_tokenizer, monkeypatch):
         model,
         tiny_tokenizer,
         REQUESTS,
-        method="memit",
         callback=lambda i, m: callbacks.append((i, m)),
         **EDIT_KWARGS,
     )

@@ -59,6 +59,13 @@ def render(tokenizer, prompt: str) -> str:
     return prompt_text(tokenizer, EditRequest(prompt, "-"))
 
 
+def template_prefix(tokenizer) -> tuple[int, ...]:
+    """The ids that rendered prompts start with: the chat template's text before the user's prompt."""
+    a, b = (tokenizer(render(tokenizer, text), add_special_tokens=False)["input_ids"] for text in "AB")
+    n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return tuple(a[:n])
+
+
 def _key(rendered: str) -> str:
     return hashlib.sha256(rendered.encode()).hexdigest()[:24]
 

@@ -597,7 +597,7 @@ class BenchmarkModule(L.LightningModule):
             return [None] * len(requests)
         started = time.perf_counter()
         unedited = {**before, **self._originals}  # sequential: each tensor's first snapshot is the start
-        shared = self._probe.measure_edit()
+        shared = self._probe.measure_edit(touched=unedited.keys())
         rows = [{**shared, **self._probe.measure_neighbourhood(r.prompt, unedited)} for r in requests]
         for row in rows:
             row["seconds"] = (time.perf_counter() - started) / len(requests)
@@ -750,7 +750,14 @@ def stats_for(
     if not needing:
         return None
     layers = sorted({layer for c in needing for layer in edit_layers(c)})
-    tokens = needing[0].stats_tokens or get_preset(needing[0].preset).stats_tokens
+    preset = get_preset(needing[0].preset)
+    tokens = needing[0].stats_tokens or preset.stats_tokens
+    corpora = {get_preset(c.preset).stats_corpus(c.method) for c in needing}
+    if len(corpora) > 1:
+        raise ValueError(
+            f"These runs' presets use different statistics corpora {sorted(corpora)}; run them separately."
+        )
+    kwargs.setdefault("corpus", corpora.pop())
     device = next(model.parameters()).device
     stats = compute_covariance(model, tokenizer, layers, max_tokens=tokens, **kwargs)
     if next(model.parameters()).device != device:  # Lightning's teardown moves a tested module to the CPU

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from .forced import FORCED_BATCH_SIZE, ForcedItem, TopK, forced_logprobs
+from .forced import FORCED_BATCH_SIZE, ForcedItem, SharedPrefix, TopK, forced_logprobs
 
 
 def coarse_kl(reference: TopK, logp: Tensor) -> Tensor:
@@ -71,15 +71,16 @@ def score_locality(
     references: Sequence[TopK | None],
     metric: LocalityAgreement | None = None,
     batch_size: int = FORCED_BATCH_SIZE,
+    prefix: SharedPrefix | None = None,
 ) -> LocalityAgreement:
     """Update ``metric`` (a new one by default) with the model's teacher-forced pass over ``items``.
 
-    Use the same ``items`` and ``batch_size`` as for the references: identical batches are what make an
-    unchanged model score agreement 1 and KL 0 exactly.
+    Use the same ``items``, ``batch_size`` and prefix ids as for the references: identical batches are
+    what make an unchanged model score agreement 1 and KL 0 exactly.
     """
     # per-edit scores: a DDP rank must not average its edit's score with another rank's
     metric = metric if metric is not None else LocalityAgreement(sync_on_compute=False)
-    for i, logp in forced_logprobs(model, items, batch_size):
+    for i, logp in forced_logprobs(model, items, batch_size, prefix):
         reference = references[i]
         if reference is not None:
             metric.update(logp, reference)

@@ -17,6 +17,7 @@ from ..corpus import wikipedia_heldout
 from ..text_data import token_batches
 
 DEFAULT_PERPLEXITY_TOKENS = 4096
+_PIECE = 32  # positions per log-softmax call
 
 
 def heldout_batches(
@@ -36,8 +37,17 @@ def total_nll(model: torch.nn.Module, batches: Sequence[tuple[Tensor, Tensor]]) 
     try:
         for ids, mask in batches:
             ids, mask = ids.to(device), mask.to(device)
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
-            logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
+            targets = ids[:, 1:]
+            # in contiguous pieces of a few MB: several times faster than one call on the whole batch,
+            # which allocates (and page-faults) a second batch-sized tensor; the values are the same
+            logp = torch.cat(
+                [
+                    torch.log_softmax(part.float(), dim=-1).gather(-1, target[:, None])[:, 0]
+                    for row, row_targets in zip(logits, targets)
+                    for part, target in zip(row.split(_PIECE), row_targets.split(_PIECE))
+                ]
+            ).view_as(targets)
             keep = (mask[:, 1:] * mask[:, :-1]).bool()
             total += float(-logp[keep].double().sum())
             count += int(keep.sum())

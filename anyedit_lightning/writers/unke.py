@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from ..batching import pad_right
 from ..checks import WriterConfigError, check_int, check_real
-from ..corpus import wikipedia_sample
+from ..corpus import WIKIPEDIA_CHAT, WIKIPEDIA_SAMPLE, wikipedia_chat, wikipedia_sample
 from ..hooks import StopForward, hidden_of, run_until
 from .base import WeightWriter
 
@@ -48,8 +48,17 @@ def _layer_call(model, layer, ids, mask):
     return seen["args"], kwargs, seen["out"]
 
 
-def default_preservation_texts(count: int = 20, chars: int = 600) -> list[str]:
-    """Generic text the layer must keep producing (authors: random instruction examples)."""
+def default_preservation_texts(
+    count: int = 20, chars: int = 600, corpus: str = WIKIPEDIA_SAMPLE, tokenizer=None
+) -> list[str]:
+    """Generic text the layer must keep producing (authors: random instruction examples).
+
+    ``wikipedia-chat``: ``count`` exchanges spread evenly over :func:`~anyedit_lightning.corpus.wikipedia_chat`
+    (chat-formatted, like the prompts an edit must leave alone; docs/faithful.md).
+    """
+    if corpus == WIKIPEDIA_CHAT:
+        texts = wikipedia_chat(tokenizer)
+        return texts[:: max(1, len(texts) // count)][:count]
     return [text[:chars] for text in islice(wikipedia_sample(), count)]
 
 
@@ -66,10 +75,15 @@ class UnkeWrite(WeightWriter):
         preservation_texts: Sequence[str] | None = None,
         preservation_count: int = 20,
         max_preservation_tokens: int = 128,
+        preservation_corpus: str = WIKIPEDIA_SAMPLE,
+        preservation_weight: float = 1.0,
     ):
+        """``preservation_corpus`` (``wikipedia-sample`` or ``wikipedia-chat``) supplies the default
+        preservation texts; ``preservation_weight`` multiplies their loss against the edit's."""
         self.lr, self.steps, self.weight_decay = lr, steps, weight_decay
         self.preservation_texts = preservation_texts
         self.preservation_count, self.max_preservation_tokens = preservation_count, max_preservation_tokens
+        self.preservation_corpus, self.preservation_weight = preservation_corpus, preservation_weight
         UnkeWrite.validate(self)
 
     def validate(self) -> None:
@@ -78,6 +92,12 @@ class UnkeWrite(WeightWriter):
         check_real("weight_decay", self.weight_decay, inclusive=True, error=WriterConfigError)
         check_int("preservation_count", self.preservation_count, 1, WriterConfigError)
         check_int("max_preservation_tokens", self.max_preservation_tokens, 1, WriterConfigError)
+        check_real("preservation_weight", self.preservation_weight, error=WriterConfigError)
+        if self.preservation_corpus not in (WIKIPEDIA_SAMPLE, WIKIPEDIA_CHAT):
+            raise WriterConfigError(
+                f"preservation_corpus={self.preservation_corpus!r}: use {WIKIPEDIA_SAMPLE!r} or "
+                f"{WIKIPEDIA_CHAT!r}, or pass your own preservation_texts=."
+            )
         texts = self.preservation_texts
         if texts is not None and (
             not isinstance(texts, (list, tuple))
@@ -98,7 +118,9 @@ class UnkeWrite(WeightWriter):
 
     def prepare(self, module: AnyEditModule) -> None:
         if self.preservation_texts is None:
-            self.preservation_texts = default_preservation_texts(self.preservation_count)
+            self.preservation_texts = default_preservation_texts(
+                self.preservation_count, corpus=self.preservation_corpus, tokenizer=module.tokenizer
+            )
 
     def write(self, module: AnyEditModule) -> None:
         handle, q = module.handle, len(module.config.layers)
@@ -143,8 +165,11 @@ class UnkeWrite(WeightWriter):
                 for _ in range(self.steps):
                     optimizer.zero_grad()
                     loss = sum(
-                        F.mse_loss(hidden_of(layer(*args, **kwargs)).float()[keep], target[keep])
-                        for args, kwargs, target, keep in (edit, preserve)
+                        weight * F.mse_loss(hidden_of(layer(*args, **kwargs)).float()[keep], target[keep])
+                        for (args, kwargs, target, keep), weight in (
+                            (edit, 1.0),
+                            (preserve, self.preservation_weight),
+                        )
                     )
                     loss.backward()
                     optimizer.step()
