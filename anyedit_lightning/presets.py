@@ -6,8 +6,8 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from .checks import EditConfigError
-from .corpus import WIKIPEDIA_SAMPLE
 from .config import EditConfig
+from .corpus import WIKIPEDIA_SAMPLE
 
 
 @dataclass(frozen=True)

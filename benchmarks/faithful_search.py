@@ -182,7 +182,9 @@ def pareto_plot(rows_path: str, out: str, chosen_names: list[str]) -> None:
         x = sum(r["agree"] for r in rows) / len(rows)
         y = sum(r["rougeL"] for r in rows) / len(rows)
         chosen = name in chosen_names
-        ax.scatter(x, y, c=colours.get(method, "k"), s=90 if chosen else 30, edgecolors="k" if chosen else None)
+        ax.scatter(
+            x, y, c=colours.get(method, "k"), s=90 if chosen else 30, edgecolors="k" if chosen else None
+        )
         ax.annotate(str(number), (x, y), fontsize=8, xytext=(3, 3), textcoords="offset points")
     for method, colour in colours.items():
         ax.scatter([], [], c=colour, label=method)

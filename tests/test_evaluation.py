@@ -11,6 +11,7 @@ from tiny import EOS_ID, build_tokenizer, poet_records, tiny_model
 
 import anyedit_lightning.api as api_module
 import anyedit_lightning.evaluation.runner as runner_module
+from anyedit_lightning import get_preset
 from anyedit_lightning.evaluation.generation import Generation, _decode, generate_batch
 from anyedit_lightning.evaluation.report import markdown_table, write_report
 from anyedit_lightning.evaluation.runner import (
@@ -392,6 +393,9 @@ def test_config_checks_before_loading_anything() -> None:
         resolved(BenchConfig(edit={"no_such_field": 1}))
     with pytest.raises(ValueError, match="method"):
         resolved(BenchConfig(method="rome"))  # type: ignore[arg-type]
+    # no method: the preset's recommended (most faithful) one
+    assert resolved(BenchConfig()).method == get_preset("smollm2-135m-instruct").method == "unke"
+    assert resolved(BenchConfig(preset="authors")).method == get_preset("authors").method
 
 
 # --------------------------------------------------------------------------- command line

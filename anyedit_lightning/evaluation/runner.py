@@ -139,13 +139,14 @@ class BenchConfig(RunOptions):
     """One benchmark run: one method (or ``none``: the unedited model) on one dataset.
 
     Attributes:
-        method: ``memit``, ``alphaedit``, ``unke``, or ``none`` (generate and score only).
+        method: ``memit``, ``alphaedit``, ``unke``, or ``none`` (generate and score only); None: the
+            preset's recommended method (the most faithful one, ``unke`` for the embedded SmolLM2).
         anyedit: AnyEdit's chunked long-form edit (False: the method's single-token baseline).
         dataset: ``unkebench``, ``akew``, ``mquake_cf``, ``counterfact``, ``wikiupdate``, ``editeverything``
             or a path to a .json/.jsonl file in the UnKEBench schema.
     """
 
-    method: Method = "memit"
+    method: Method | None = None
     anyedit: bool = True
     dataset: str = "unkebench"
 
@@ -195,7 +196,11 @@ def resolve_preset(model: str, preset: str | None) -> str:
 
 
 def resolved(config: BenchConfig) -> BenchConfig:
-    """``config`` with its preset resolved and its overrides checked (errors before any model is loaded)."""
+    """``config`` with its preset and method resolved and its overrides checked (errors before any model
+    is loaded)."""
+    if config.method is None:
+        preset = resolve_preset(config.model, config.preset)
+        config = dataclasses.replace(config, preset=preset, method=get_preset(preset).method)
     if config.method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {config.method!r}")
     if config.max_new_tokens < 1:
@@ -746,7 +751,7 @@ def stats_for(
     model: torch.nn.Module, tokenizer, configs: Sequence[BenchConfig], **kwargs: Any
 ) -> CovarianceStats | None:
     """Covariance statistics of the unedited model for every layer the MEMIT/AlphaEdit runs edit (or None)."""
-    needing = [resolved(c) for c in configs if c.method in COVARIANCE_METHODS]
+    needing = [c for c in map(resolved, configs) if c.method in COVARIANCE_METHODS]
     if not needing:
         return None
     layers = sorted({layer for c in needing for layer in edit_layers(c)})
