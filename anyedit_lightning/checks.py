@@ -19,6 +19,9 @@ class WriterConfigError(EditConfigError):
     """A writer setting (λ, τ, α, lr, steps, ...) has the wrong type or is out of range."""
 
 
+FIRST_KEYS = ("prompt_end", "content_end", "content_word")
+
+
 def is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
@@ -68,8 +71,8 @@ def check_config_fields(config: Any) -> None:
         check_int("loss_layer", config.loss_layer, 0)
     if config.chunking not in ("fixed", "semantic"):
         raise EditConfigError(f"chunking={config.chunking!r}: use 'fixed' or 'semantic'.")
-    if config.first_key not in ("prompt_end", "content_end"):
-        raise EditConfigError(f"first_key={config.first_key!r}: use 'prompt_end' or 'content_end'.")
+    if config.first_key not in FIRST_KEYS:
+        raise EditConfigError(f"first_key={config.first_key!r}: use one of {FIRST_KEYS}.")
     if not is_int(config.window) or config.window < 1:
         raise EditConfigError(f"window={config.window!r}: a chunk needs at least 1 token (an integer >= 1).")
     if not is_int(config.overlap) or not 0 <= config.overlap < config.window:

@@ -29,7 +29,8 @@ class EditConfig:
         first_key: where the first chunk's δ goes: ``"prompt_end"`` (the last prompt token, the authors'
             choice) or ``"content_end"`` (the last token of the user's own text, before the chat template's
             closing markup). The template's last token is the same in every chat prompt, so a δ written
-            there reaches every prompt's answer (docs/faithful.md).
+            there reaches every prompt's answer (docs/faithful.md). ``"content_word"``: the user's last word
+            token (``content_end`` moved back over trailing punctuation such as "?", which every question shares).
     """
 
     layers: list[int] = field(default_factory=lambda: [4, 5, 6, 7, 8])
@@ -46,7 +47,7 @@ class EditConfig:
     fast: bool = True
     skip_lower_layers: bool = True
     preserve_keys: bool | None = None
-    first_key: Literal["prompt_end", "content_end"] = "prompt_end"
+    first_key: Literal["prompt_end", "content_end", "content_word"] = "prompt_end"
 
     def __post_init__(self) -> None:
         check_config_fields(self)  # types and ranges now; validate_config adds the model-dependent checks

@@ -112,7 +112,9 @@ def plan_requests(
     plans = []
     for request in requests:
         tokenized = tokenize_request(tokenizer, request)
-        first = tokenized.content_end if config.first_key == "content_end" else None
+        first = {"content_end": tokenized.content_end, "content_word": tokenized.content_word}.get(
+            config.first_key
+        )
         plans.append(RequestPlan(tokenized, chunker(tokenized.target_ids, tokenizer), first_key=first))
     return plans
 

@@ -62,6 +62,8 @@ class TokenizedRequest:
     target_ids: tuple[int, ...]
     content_end: int | None = None
     """Position of the last token of the user's own text in a chat prompt (None for raw prompts)."""
+    content_word: int | None = None
+    """Position of the user's last word token: ``content_end`` moved back over trailing punctuation."""
 
     @property
     def ids(self) -> tuple[int, ...]:
@@ -172,11 +174,13 @@ def tokenize_request(tokenizer: PreTrainedTokenizerBase, request: EditRequest) -
         target_ids = target_ids + [eot]
     if not prompt_ids_:
         raise RequestError(f"prompt {request.prompt[:40]!r} tokenizes to nothing")
+    content_end = None if request.raw_prompt else _content_end(tokenizer, prompt_ids_)
     return TokenizedRequest(
         request,
         tuple(int(i) for i in prompt_ids_),
         tuple(int(i) for i in target_ids),
-        None if request.raw_prompt else _content_end(tokenizer, prompt_ids_),
+        content_end,
+        None if content_end is None else _last_word(tokenizer, prompt_ids_, content_end),
     )
 
 
@@ -187,6 +191,19 @@ def _content_end(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> int | No
     after = _encode(tokenizer, render_prompt(tokenizer, sentinel).split(sentinel, 1)[1], False)
     end = len(ids) - len(after) - 1
     return end if end >= 0 and list(ids[end + 1 :]) == after else None
+
+
+def _last_word(tokenizer: PreTrainedTokenizerBase, ids: list[int], end: int, look_back: int = 4) -> int:
+    """``end`` moved back over up to ``look_back`` tokens without a letter or digit ("?", ".", "!)").
+
+    Questions end in "?", whose key is nearly the same in every question; the last word's key carries
+    the subject (docs/faithful.md)."""
+    position = end
+    while position > 0 and end - position < look_back:
+        if any(ch.isalnum() for ch in tokenizer.decode([ids[position]])):
+            return position
+        position -= 1
+    return end
 
 
 def prompt_text(tokenizer: PreTrainedTokenizerBase, request: EditRequest) -> str:

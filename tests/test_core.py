@@ -17,6 +17,7 @@ from tiny import build_tokenizer, tiny_model
 import anyedit_lightning.writers.base as writers_base
 import anyedit_lightning.writers.memit as writers_memit
 from anyedit_lightning.api import default_trainer, edit
+from anyedit_lightning.checks import WriterConfigError
 from anyedit_lightning.config import EditConfig
 from anyedit_lightning.hooks import add_at_positions, record_outputs
 from anyedit_lightning.module import AnyEditModule
@@ -399,6 +400,26 @@ def test_unke_changes_only_the_chosen_layer(family, tok):
     assert all(not p.requires_grad for p in model.parameters())  # the fine-tune leaves the model frozen
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_unke_mlp_scope_leaves_attention_alone(family, tok):
+    model = tiny_model(family)
+    before = snapshot(model)
+    module = run(
+        model,
+        tok,
+        REQUESTS,
+        UnkeWrite(preservation_texts=CORPUS[:2], steps=5, lr=1e-3, scope="mlp"),
+        layers=[2],
+        v_steps=3,
+    )
+    mlp = module.handle.spec.down_proj_name(2).rsplit(".", 1)[0] + "."
+    touched = changed(model, before)
+    assert touched and all(name.startswith(mlp) for name in touched), touched
+    assert set(module.edit_record.before) == {n for n, _ in model.named_parameters() if n.startswith(mlp)}
+    with pytest.raises(WriterConfigError, match="scope"):
+        UnkeWrite(scope="attention")
+
+
 # ---- atomic writes -------------------------------------------------------------------------------
 
 
@@ -718,3 +739,15 @@ def test_first_key_content_end_moves_only_the_first_key(tok):
     )
     assert plain.keys[0] == tokenized.prompt_len - 1 and moved.keys[0] == tokenized.content_end
     assert moved.keys[1:] == plain.keys[1:]
+
+
+def test_first_key_content_word_skips_trailing_punctuation(tok):
+    """``"content_word"``: the question mark every question ends with is skipped for the last word."""
+    tokenized = tokenize_request(tok, REQUESTS[0])  # "Who is Ada Quill?"
+    assert tok.decode([tokenized.prompt_ids[tokenized.content_end]]).strip() == "?"
+    assert tokenized.content_word < tokenized.content_end
+    assert "Quill".endswith(tok.decode([tokenized.prompt_ids[tokenized.content_word]]).strip())
+    no_mark = tokenize_request(tok, EditRequest("Tell me about Ada Quill", "Ada."))
+    assert no_mark.content_word == no_mark.content_end
+    plan = plan_requests(tok, [REQUESTS[0]], EditConfig(layers=[2], window=8, first_key="content_word"))[0]
+    assert plan.keys[0] == tokenized.content_word

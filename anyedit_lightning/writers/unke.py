@@ -77,10 +77,13 @@ class UnkeWrite(WeightWriter):
         max_preservation_tokens: int = 128,
         preservation_corpus: str = WIKIPEDIA_SAMPLE,
         preservation_weight: float = 1.0,
+        scope: str = "layer",
     ):
         """``preservation_corpus`` (``wikipedia-sample`` or ``wikipedia-chat``) supplies the default
-        preservation texts; ``preservation_weight`` multiplies their loss against the edit's."""
-        self.lr, self.steps, self.weight_decay = lr, steps, weight_decay
+        preservation texts; ``preservation_weight`` multiplies their loss against the edit's. ``scope``:
+        ``"layer"`` tunes every parameter of the layer (the authors' UnKE), ``"mlp"`` only its MLP, whose
+        input is the key the other writers edit (attention left as it was: fewer parameters drift)."""
+        self.lr, self.steps, self.weight_decay, self.scope = lr, steps, weight_decay, scope
         self.preservation_texts = preservation_texts
         self.preservation_count, self.max_preservation_tokens = preservation_count, max_preservation_tokens
         self.preservation_corpus, self.preservation_weight = preservation_corpus, preservation_weight
@@ -93,6 +96,8 @@ class UnkeWrite(WeightWriter):
         check_int("preservation_count", self.preservation_count, 1, WriterConfigError)
         check_int("max_preservation_tokens", self.max_preservation_tokens, 1, WriterConfigError)
         check_real("preservation_weight", self.preservation_weight, error=WriterConfigError)
+        if self.scope not in ("layer", "mlp"):
+            raise WriterConfigError(f"scope={self.scope!r}: use 'layer' or 'mlp'.")
         if self.preservation_corpus not in (WIKIPEDIA_SAMPLE, WIKIPEDIA_CHAT):
             raise WriterConfigError(
                 f"preservation_corpus={self.preservation_corpus!r}: use {WIKIPEDIA_SAMPLE!r} or "
@@ -109,12 +114,21 @@ class UnkeWrite(WeightWriter):
                 f"{texts!r:.80}."
             )
 
+    def _tuned(self, module: AnyEditModule, layer: int) -> list[str]:
+        """Names, inside decoder layer ``layer``, of the parameters this write tunes."""
+        names = [n for n, _ in module.handle.layer(layer).named_parameters()]
+        if self.scope == "layer":
+            return names
+        layer_prefix = module.handle.spec.layer(layer) + "."
+        mlp = module.handle.spec.down_proj_name(layer).removeprefix(layer_prefix).rsplit(".", 1)[0] + "."
+        return [n for n in names if n.startswith(mlp)]
+
     def parameter_names(self, module: AnyEditModule) -> list[str]:
-        names = []
-        for layer in module.config.layers:
-            prefix = module.handle.spec.layer(layer) + "."
-            names += [prefix + n for n, _ in module.handle.layer(layer).named_parameters()]
-        return names
+        return [
+            module.handle.spec.layer(layer) + "." + name
+            for layer in module.config.layers
+            for name in self._tuned(module, layer)
+        ]
 
     def prepare(self, module: AnyEditModule) -> None:
         if self.preservation_texts is None:
@@ -144,13 +158,15 @@ class UnkeWrite(WeightWriter):
             target[rows, cols] += dz
             self._fit(
                 layer,
+                self._tuned(module, layer_index),
                 (args_e, kwargs_e, target, mask.bool()),
                 (args_p, kwargs_p, y_pres.float(), pres_mask.bool()),
             )
             module.log_write(layer_index, residual=float(dz.norm(dim=-1).mean() * (q - i)), update=0.0)
 
-    def _fit(self, layer: torch.nn.Module, edit, preserve) -> None:
-        named = list(layer.named_parameters())
+    def _fit(self, layer: torch.nn.Module, tuned: Sequence[str], edit, preserve) -> None:
+        wanted = set(tuned)
+        named = [(n, p) for n, p in layer.named_parameters() if n in wanted]
         decay = [p for n, p in named if "norm" not in n and "ln" not in n]
         no_decay = [p for n, p in named if "norm" in n or "ln" in n]
         originals = [p.requires_grad for _, p in named]
