@@ -10,7 +10,7 @@ import torch
 from tiny import EOS_ID, build_tokenizer, poet_records, tiny_model
 
 import anyedit_lightning.api as api_module
-import anyedit_lightning.evaluation.runner as runner_module
+import anyedit_lightning.evaluation.scoring as scoring_module
 from anyedit_lightning import get_preset
 from anyedit_lightning.evaluation.generation import Generation, _decode, generate_batch
 from anyedit_lightning.evaluation.report import markdown_table, write_report
@@ -210,7 +210,7 @@ def test_interrupted_run_keeps_records_restores_weights_and_resumes(
     model = tiny_model("llama")
     before = snapshot(model)
     out = tmp_path / "run"
-    real = runner_module.generate_batch
+    real = scoring_module.generate_batch
     calls = {"n": 0}
 
     def failing(*args, **kwargs):
@@ -219,13 +219,13 @@ def test_interrupted_run_keeps_records_restores_weights_and_resumes(
             raise RuntimeError("killed")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(runner_module, "generate_batch", failing)
+    monkeypatch.setattr(scoring_module, "generate_batch", failing)
     with pytest.raises(RuntimeError, match="killed"):
         run_benchmark(config(data_file, out), model, tokenizer, stats)
     assert len(edit_calls) == 3
     assert same_weights(model, before)  # the interrupted edit was rolled back too
     assert [r["index"] for r in jsonl(out / PREDICTIONS)] == [0, 1]
-    monkeypatch.setattr(runner_module, "generate_batch", real)
+    monkeypatch.setattr(scoring_module, "generate_batch", real)
     row = run_benchmark(config(data_file, out), model, tokenizer, stats)
     assert len(edit_calls) == 4 and row["edits_performed"] == 1 and row["n"] == 3
     assert [r["index"] for r in jsonl(out / PREDICTIONS)] == [0, 1, 2]
