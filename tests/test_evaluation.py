@@ -393,6 +393,8 @@ def test_config_checks_before_loading_anything() -> None:
         resolved(BenchConfig(edit={"no_such_field": 1}))
     with pytest.raises(ValueError, match="method"):
         resolved(BenchConfig(method="rome"))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="'ddp'"):  # the loop needs the model in the calling process
+        resolved(BenchConfig(strategy="ddp_spawn"))
     # no method: the preset's recommended (most faithful) one
     assert resolved(BenchConfig()).method == get_preset("smollm2-135m-instruct").method == "unke"
     assert resolved(BenchConfig(preset="authors")).method == get_preset("authors").method

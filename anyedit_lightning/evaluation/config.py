@@ -20,6 +20,7 @@ from ..presets import PRESETS, get_preset
 METHODS = ("memit", "alphaedit", "unke", "none")
 METHOD_LABELS = {"none": "Unedited", "memit": "MEMIT", "alphaedit": "AlphaEdit", "unke": "UnKE"}
 COVARIANCE_METHODS = ("memit", "alphaedit")
+SPAWNING_STRATEGIES = ("ddp_spawn", "ddp_fork", "ddp_notebook")  # the loop needs the model in this process
 
 Method = Literal["memit", "alphaedit", "unke", "none"]
 Split = Literal["dev", "test", "all"]
@@ -176,6 +177,11 @@ def resolved(config: BenchConfig) -> BenchConfig:
     if config.limit is not None and (not is_int(config.limit) or config.limit < 1):
         raise ValueError(
             f"limit={config.limit!r} selects no records: give a positive number, or none for all."
+        )
+    if config.strategy in SPAWNING_STRATEGIES:
+        raise ValueError(
+            f"strategy={config.strategy!r} would run the benchmark in spawned copies of the model; use "
+            "'ddp', which starts the command once per process."
         )
     if "anyedit" in config.edit:
         raise ValueError("set AnyEdit with the anyedit option, not inside the edit overrides")

@@ -1,19 +1,31 @@
-"""The benchmark loop (docs/algorithm.md §6) as a ``LightningModule`` run by ``Trainer.predict``."""
+"""The benchmark loop (docs/algorithm.md §6): edit → answer → score → restore, one batch of requests at a time.
+
+A plain loop over records rather than a ``LightningModule`` under ``Trainer.predict``: every edit is
+already a ``Trainer.fit`` of an ``AnyEditModule`` (:func:`anyedit_lightning.api.edit`), and a predict
+Trainer around it only nested a second Trainer, strategy and precision plugin around the first. What the
+outer Trainer really gave, launching one process per device, the rank and world size, barriers, the
+process's device and the precision context, is Lightning Fabric's job, so the loop takes a launched
+:class:`~lightning.fabric.Fabric` (one process: a single-device Fabric, no process group). Each rank
+takes every ``world_size``-th request not yet in the predictions files, writes its own rank file, and
+rank 0 merges the rank files after a barrier.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from tqdm.auto import tqdm
 
 from .. import api
 from ..fingerprint import weights_fingerprint
+from ..module import AnyEditModule
 from ..requests import EditRequest
 from ..stats import CovarianceStats
 from .config import COVARIANCE_METHODS, BenchConfig, resolved, settings_hash
@@ -23,8 +35,8 @@ from .store import PREDICTIONS, PredictionWriter, merge_rank_files, prediction_f
 log = logging.getLogger(__name__)
 
 
-class BenchmarkModule(L.LightningModule):
-    """Edit → generate → score → restore, one DataModule batch per ``predict_step``.
+class BenchmarkLoop:
+    """Edit → generate → score → restore for each batch of a run's unfinished requests.
 
     Args:
         model, tokenizer: the model under test (edited in place, restored after each batch unless
@@ -43,85 +55,93 @@ class BenchmarkModule(L.LightningModule):
         stats: CovarianceStats | None = None,
         keep_edits: bool = False,
     ):
-        super().__init__()
-        config = resolved(config)
         self.model = model
         self.tokenizer = tokenizer
-        self.config = config
+        self.config = resolved(config)
         self.stats = stats
         self.keep_edits = keep_edits
-        self.out = Path(config.out)
-        self.settings = settings_hash(config)
+        self.out = Path(self.config.out)
+        self.settings = settings_hash(self.config)
         self.done: set[tuple] = set()
         self.edits_performed = 0
         self.records_written = 0
         self._writer: PredictionWriter | None = None
         self._originals: dict[str, torch.Tensor] = {}  # sequential: first snapshot of each touched tensor
-        self._device: torch.device | None = None
+        self._probe = None
+        self._device: torch.device = torch.device("cpu")
 
-    # ---- Lightning plumbing ------------------------------------------------------------------------
-    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        return batch  # a list of EditRequest: text, tokenized by the editor and the generator
+    def key(self, request: EditRequest) -> tuple[str, bool, str, int]:
+        """The request's resume key (see :func:`~anyedit_lightning.evaluation.store.record_key`)."""
+        return record_key(
+            {
+                "method": self.config.method,
+                "anyedit": self.config.anyedit,
+                "benchmark": request.extra.get("benchmark", self.config.dataset),
+                "index": request.extra["index"],
+            }
+        )
 
-    @property
-    def predictions_path(self) -> Path:
-        world = self.trainer.world_size if self._trainer is not None else 1
-        if world > 1:
-            return self.out / f"predictions.rank{self.global_rank}.jsonl"
-        return self.out / PREDICTIONS
+    def run(self, requests: Sequence[EditRequest], fabric: L.Fabric) -> None:
+        """Every request of ``requests`` not yet in the predictions files, this rank's share of them.
 
-    def on_predict_start(self) -> None:
-        self._device = next(self.model.parameters()).device
-        existing = read_records(prediction_files(self.out))
-        self.done = {record_key(r) for r in existing}
-        others = {r.get("settings") for r in existing if r.get("method") == self.config.method} - {
-            self.settings,
-            None,
-        }
-        if others:
-            log.warning(
-                "%s already holds records made with other settings; they are reused as they are. "
-                "Use a new --out folder to rerun with the new settings.",
-                self.out,
-            )
-        self._writer = PredictionWriter(self.predictions_path)
-        self._probe = self._make_probe() if self.config.faithfulness else None
-
-    def on_predict_end(self) -> None:
-        if self.config.sequential and not self.keep_edits:
-            self._restore(self._originals)
-        self._originals = {}
-        world = self.trainer.world_size
-        if world > 1:
-            self.trainer.strategy.barrier()
-            if self.trainer.is_global_zero:
-                merge_rank_files(self.out)
-            self.trainer.strategy.barrier()
-
-    # ---- the step ----------------------------------------------------------------------------------
-    def predict_step(self, batch: list[EditRequest], batch_idx: int) -> list[dict[str, Any]]:
-        """Edit, generate, score and restore for the batch's unfinished requests; returns their records."""
-        key = self._key
-        todo = [r for r in batch if key(r) not in self.done]
-        if len(todo) < len(batch):
-            log.info("Skipping %d request(s) already in %s", len(batch) - len(todo), self.out)
+        ``fabric`` must be launched. The model goes to the rank's device and precision as a predict
+        Trainer would put it (and stays there); the weights are restored bit-exactly after each batch.
+        """
+        self.model = fabric.strategy.precision.convert_module(self.model.to(fabric.device))
+        self._resume()
+        pending = [r for r in requests if self.key(r) not in self.done]
+        if len(pending) < len(requests):
+            log.info("Skipping %d request(s) already in %s", len(requests) - len(pending), self.out)
             if self.config.sequential:
                 log.warning("Resuming a sequential run: the skipped requests' edits are not replayed.")
-        if not todo:
-            return []
-        edit_seconds, chunks, before = None, [None] * len(todo), {}
+        share = pending[fabric.global_rank :: fabric.world_size]
+        name = PREDICTIONS if fabric.world_size == 1 else f"predictions.rank{fabric.global_rank}.jsonl"
+        self._writer = PredictionWriter(self.out / name)
+        self._device = fabric.device
+        was_training = self.model.training
+        try:
+            self.model.eval()
+            # Every rank's probe gets all pending prompts: the same neighbourhoods as one process. It runs
+            # outside the precision context, as the reference cached per weights fingerprint always has.
+            self._probe = self._make_probe(pending) if self.config.faithfulness and pending else None
+            size = self.config.batch_size
+            starts = range(0, len(share), size)
+            bar = tqdm(
+                starts,
+                desc="Requests",
+                unit="batch",
+                disable=not (self.config.progress_bar and fabric.is_global_zero),
+            )
+            with fabric.autocast():
+                for start in bar:
+                    self.run_batch(share[start : start + size])
+        finally:
+            if self.config.sequential and not self.keep_edits:
+                self._restore(self._originals)
+            self._originals = {}
+            self.model.train(was_training)
+        if fabric.world_size > 1:
+            fabric.barrier()
+            if fabric.is_global_zero:
+                merge_rank_files(self.out)
+            fabric.barrier()
+
+    def run_batch(self, batch: list[EditRequest]) -> list[dict[str, Any]]:
+        """Edit, generate, score, restore and write the records of one batch; returns the records."""
+        edit_seconds, chunks, before = None, [None] * len(batch), {}
         try:
             if self.config.method != "none":
                 started = time.perf_counter()
-                module = self._edit(todo)
+                module = self._edit(batch)
                 edit_seconds = time.perf_counter() - started
                 self.edits_performed += 1
                 before = module.edit_record.before
                 chunks = [len(plan.chunks) for plan in module.plans]
-            started = time.perf_counter()
-            answers = generate_answers(self.model, self.tokenizer, todo, self.config)
-            generation_seconds = time.perf_counter() - started
-            faithfulness = self._faithfulness(todo, before)
+            with torch.no_grad():
+                started = time.perf_counter()
+                answers = generate_answers(self.model, self.tokenizer, batch, self.config)
+                generation_seconds = time.perf_counter() - started
+                faithfulness = self._faithfulness(batch, before)
         finally:
             if self.config.sequential:
                 for name, value in before.items():
@@ -129,22 +149,13 @@ class BenchmarkModule(L.LightningModule):
             else:
                 self._restore(before)
         records = []
-        for request, answer, n_chunks, faithful in zip(todo, answers, chunks, faithfulness):
-            record = build_record(
-                request,
-                answer,
-                self.config,
-                self.settings,
-                self._device if self._device is not None else "cpu",
-                n_chunks,
-                edit_seconds,
-                generation_seconds,
-                len(todo),
-            )
+        for request, answer, n_chunks, faithful in zip(batch, answers, chunks, faithfulness):
+            timings = (n_chunks, edit_seconds, generation_seconds, len(batch))
+            record = build_record(request, answer, self.config, self.settings, self._device, *timings)
             record["faithfulness"] = faithful_record(request, answer, faithful)
             self._writer.write(record)
             records.append(record)
-            self.done.add(key(request))
+            self.done.add(self.key(request))
             self.records_written += 1
             o = record["metrics"]["original"]
             log.info(
@@ -159,18 +170,20 @@ class BenchmarkModule(L.LightningModule):
             )
         return records
 
-    def _key(self, request: EditRequest) -> tuple:
-        extra = request.extra
-        return record_key(
-            {
-                "method": self.config.method,
-                "anyedit": self.config.anyedit,
-                "benchmark": extra.get("benchmark", self.config.dataset),
-                "index": extra["index"],
-            }
-        )
+    def _resume(self) -> None:
+        """The finished records' keys, with a warning when some were made with other settings."""
+        existing = read_records(prediction_files(self.out))
+        self.done = {record_key(r) for r in existing}
+        others = {r.get("settings") for r in existing if r.get("method") == self.config.method}
+        if others - {self.settings, None}:
+            log.warning(
+                "%s already holds records made with other settings; they are reused as they are. "
+                "Use a new --out folder to rerun with the new settings.",
+                self.out,
+            )
 
-    def _edit(self, requests: list[EditRequest]):
+    def _edit(self, requests: list[EditRequest]) -> AnyEditModule:
+        """The one ``Trainer.fit`` of this batch's edit (:func:`anyedit_lightning.api.edit`)."""
         stats = self.stats
         if self.config.sequential and stats is not None and self.config.method in COVARIANCE_METHODS:
             # Sequential MEMIT/AlphaEdit use the *unedited* model's C for every edit (the statistics are
@@ -178,7 +191,7 @@ class BenchmarkModule(L.LightningModule):
             # them these statistics are meant for the current weights.
             stats = dataclasses.replace(stats, fingerprint=weights_fingerprint(self.model))
         with torch.inference_mode(False), torch.enable_grad():
-            module = api.edit(
+            return api.edit(
                 self.model,
                 self.tokenizer,
                 requests,
@@ -190,10 +203,8 @@ class BenchmarkModule(L.LightningModule):
                 writer_kwargs=dict(self.config.writer),
                 **self.config.edit,
             )
-        self._back_to_device()
-        return module
 
-    def _make_probe(self):
+    def _make_probe(self, pending: list[EditRequest]):
         """The unedited reference for this run, computed now (the weights are still the starting ones)."""
         from .faithfulness import FaithfulnessOptions, FaithfulnessProbe
 
@@ -206,14 +217,10 @@ class BenchmarkModule(L.LightningModule):
             perplexity_tokens=c.perplexity_tokens,
             batch_size=c.generation_batch_size,
         )
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        requests = list(getattr(datamodule, "requests", None) or [])
-        pending = [r.prompt for r in requests if self._key(r) not in self.done]
-        if requests and not pending:
-            return None
         started = time.perf_counter()
         try:
-            probe = FaithfulnessProbe(self.model, self.tokenizer, c.dataset, options).prepare(pending)
+            prompts = [r.prompt for r in pending]
+            probe = FaithfulnessProbe(self.model, self.tokenizer, c.dataset, options).prepare(prompts)
         except FileNotFoundError as error:  # an installed package without the data/ folder
             log.warning("Faithfulness metrics are off: %s", error)
             return None
@@ -222,7 +229,7 @@ class BenchmarkModule(L.LightningModule):
 
     def _faithfulness(self, requests: list[EditRequest], before: Mapping[str, torch.Tensor]) -> list:
         """Per request: the set-level scores of this edit plus its neighbourhood (None when switched off)."""
-        if getattr(self, "_probe", None) is None:
+        if self._probe is None:
             return [None] * len(requests)
         started = time.perf_counter()
         unedited = {**before, **self._originals}  # sequential: each tensor's first snapshot is the start
@@ -231,11 +238,6 @@ class BenchmarkModule(L.LightningModule):
         for row in rows:
             row["seconds"] = (time.perf_counter() - started) / len(requests)
         return rows
-
-    def _back_to_device(self) -> None:
-        """Lightning's strategy teardown moves a fitted module to the CPU; bring the model back."""
-        if self._device is not None and next(self.model.parameters()).device != self._device:
-            self.model.to(self._device)
 
     def _restore(self, before: Mapping[str, torch.Tensor]) -> None:
         """Copy the snapshots back: the weights become bit-identical to what they were before the edit."""

@@ -7,8 +7,8 @@ a predictions JSONL file as soon as it is scored, so a killed run keeps what it 
 same folder skips the requests already there (same method, AnyEdit flag, benchmark and record index).
 
 The parts live in their own modules: settings in :mod:`.config`, the predictions file in :mod:`.store`,
-a record's answers and scores in :mod:`.scoring`, the means in :mod:`.summary`, the loop in
-:mod:`.loop`. Their public names are importable from here as well.
+a record's answers and scores in :mod:`.scoring`, the means in :mod:`.summary`, the loop over records
+(and why it is one, with Lightning Fabric for several processes) in :mod:`.loop`. Their public names are importable from here as well.
 
 Example:
     >>> summary = run_benchmark(BenchConfig(method="memit", anyedit=True, dataset="unkebench",
@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,7 +27,6 @@ import lightning as L
 import torch
 
 from ..benchmarks import get_datamodule
-from ..interrupts import call_trainer
 from ..presets import get_preset
 from ..stats import CovarianceStats, compute_covariance
 from .config import (
@@ -46,7 +44,7 @@ from .config import (
     resolved,
     settings_hash,
 )
-from .loop import BenchmarkModule
+from .loop import BenchmarkLoop
 from .scoring import build_record, faithful_record, generate_answers, score_pairs
 from .store import PREDICTIONS, PredictionWriter, merge_rank_files, prediction_files, read_records, record_key
 from .summary import FAITHFUL_KEYS, GROUPS, METRIC_KEYS, mean_of, mean_scores, summarize
@@ -60,7 +58,7 @@ __all__ = [
     "METRIC_KEYS",
     "PREDICTIONS",
     "BenchConfig",
-    "BenchmarkModule",
+    "BenchmarkLoop",
     "GridConfig",
     "Method",
     "PredictionWriter",
@@ -71,7 +69,7 @@ __all__ = [
     "faithful_record",
     "generate_answers",
     "load_for",
-    "make_trainer",
+    "make_fabric",
     "mean_of",
     "mean_scores",
     "merge_rank_files",
@@ -131,27 +129,20 @@ def stats_for(
     return stats
 
 
-def make_trainer(model: torch.nn.Module, config: RunOptions | None = None) -> L.Trainer:
-    """The benchmark's Trainer: the model's device (or ``config``'s accelerator/devices/nodes/strategy/
-    precision), without logger or checkpoints, with gradients inside ``predict`` (the edit needs them)."""
+def make_fabric(model: torch.nn.Module, config: RunOptions | None = None) -> L.Fabric:
+    """The run's processes and precision: one process on the model's device, or ``config``'s
+    accelerator/devices/nodes/strategy (``ddp``: the command is started again once per extra process)."""
     config = config or RunOptions()
+    strategy = config.strategy or ("ddp" if config.distributed else "auto")
     device = next(model.parameters()).device
     if config.distributed:
-        placement = dict(
-            devices=config.devices, num_nodes=config.num_nodes, strategy=config.strategy or "ddp"
-        )
+        placement = dict(devices=config.devices, num_nodes=config.num_nodes)
     else:
-        placement = dict(
-            devices=[device.index] if device.index is not None else 1, strategy=config.strategy or "auto"
-        )
-    return L.Trainer(
-        accelerator=config.accelerator or ("cpu" if device.type == "cpu" else device.type),
+        placement = dict(devices=[device.index] if device.index is not None else 1)
+    return L.Fabric(
+        accelerator=config.accelerator or device.type,
+        strategy=strategy,
         precision=config.precision,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        enable_progress_bar=config.progress_bar,
-        inference_mode=False,
         **placement,
     )
 
@@ -174,16 +165,17 @@ def run_benchmark(
     model: torch.nn.Module | None = None,
     tokenizer=None,
     stats: CovarianceStats | None = None,
-    trainer: L.Trainer | None = None,
+    fabric: L.Fabric | None = None,
     report: bool = True,
     keep_edits: bool = False,
 ) -> dict[str, Any]:
     """Run one benchmark configuration and return its summary row (see :func:`summarize`).
 
     ``model``/``tokenizer``/``stats`` may be given prebuilt (notebooks, tests, grids); otherwise the model
-    is loaded from ``config.model`` and the statistics computed once for the edited layers. With
-    ``report`` the row is merged into ``<out>/summary.json`` and the Markdown table and plot are redrawn.
-    A sequential run restores the starting weights at its end unless ``keep_edits``.
+    is loaded from ``config.model`` and the statistics computed once for the edited layers. ``fabric``
+    (default: :func:`make_fabric`) places the run; it is launched here. With ``report`` the row is merged
+    into ``<out>/summary.json`` and the Markdown table and plot are redrawn. A sequential run restores the
+    starting weights at its end unless ``keep_edits``. Ranks other than 0 return ``{}``.
     """
     config = resolved(config)
     L.seed_everything(config.seed, verbose=False)
@@ -193,21 +185,19 @@ def run_benchmark(
     device = next(model.parameters()).device
     if stats is None:
         stats = stats_for(model, tokenizer, [config])
-    module = BenchmarkModule(model, tokenizer, config, stats, keep_edits=keep_edits)
-    trainer = trainer or make_trainer(model, config)
+    loop = BenchmarkLoop(model, tokenizer, config, stats, keep_edits=keep_edits)
+    fabric = fabric or make_fabric(model, config)
+    fabric.launch()
     started = time.perf_counter()
     try:
-        with warnings.catch_warnings():
-            # Our batches are lists of EditRequest, passed through as they are, on purpose.
-            warnings.filterwarnings("ignore", message=".*overridden `transfer_batch_to_device`.*")
-            call_trainer(trainer.predict, module, datamodule=datamodule, return_predictions=False)
+        loop.run(datamodule.requests, fabric)
     finally:
         if next(model.parameters()).device != device:
             model.to(device)
     wall = time.perf_counter() - started
-    if not trainer.is_global_zero:
+    if not fabric.is_global_zero:
         return {}
-    wanted = {module._key(r) for r in datamodule.requests}
+    wanted = {loop.key(r) for r in datamodule.requests}
     records = [r for r in read_records(prediction_files(config.out)) if record_key(r) in wanted]
     records.sort(key=lambda r: r["index"])
     benchmark = records[0]["benchmark"] if records else config.dataset
@@ -217,7 +207,7 @@ def run_benchmark(
         "anyedit": bool(config.anyedit) and config.method != "none",
         "dataset": benchmark,
         **summarize(records),
-        "edits_performed": module.edits_performed,
+        "edits_performed": loop.edits_performed,
         "wall_seconds": wall,
         "config": dataclasses.asdict(config),
     }
@@ -247,6 +237,8 @@ def run_grid(
     for run in runs:
         log.info("Grid: %s on %s", method_label(run.method, run.anyedit), run.dataset)
         rows.append(run_benchmark(run, model, tokenizer, stats, report=False))
+    if not all(rows):  # a rank other than 0: rank 0 writes the report
+        return {"results": []}
     from .report import write_report
 
     summary = write_report(config.out, rows)
