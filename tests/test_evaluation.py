@@ -19,6 +19,7 @@ from anyedit_lightning.evaluation.runner import (
     BenchConfig,
     GridConfig,
     PredictionWriter,
+    RecordScorer,
     merge_rank_files,
     read_records,
     record_key,
@@ -28,6 +29,7 @@ from anyedit_lightning.evaluation.runner import (
     run_grid,
     summarize,
 )
+from anyedit_lightning.metrics import score_texts
 from anyedit_lightning.requests import render_prompt
 from anyedit_lightning.stats import compute_covariance
 
@@ -309,6 +311,18 @@ def test_predictions_file_survives_a_torn_line_and_rank_files_merge(tmp_path) ->
     merge_rank_files(tmp_path)
     assert sorted(r["index"] for r in read_records(path)) == [0, 1, 2, 3]
     assert not list(tmp_path.glob("predictions.rank*.jsonl"))
+
+
+def test_record_scorer_gives_the_numbers_of_score_texts() -> None:
+    preds = ["Paris is the capital. It is big.", "", "def add(a, b): return a + b", "No."]
+    refs = ["The capital is Paris. It is large.", "Hello. World. ", "def add(a, b):\n    return a + b", "No"]
+    scorer = RecordScorer(similarity=True)
+    for _ in range(2):  # reset between calls: each call's scores are its own
+        assert scorer(preds, refs) == score_texts(preds, refs, similarity=True)["per_item"]
+    assert RecordScorer(similarity=False)(preds[:1], refs[:1]) == [
+        score_texts(preds[:1], refs[:1], similarity=False)["per_item"][0]
+    ]
+    assert scorer([], []) == []
 
 
 def _row(method, anyedit, dataset, value, categories=None):

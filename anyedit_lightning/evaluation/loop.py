@@ -29,7 +29,7 @@ from ..module import AnyEditModule
 from ..requests import EditRequest
 from ..stats import CovarianceStats
 from .config import COVARIANCE_METHODS, BenchConfig, resolved, settings_hash
-from .scoring import build_record, faithful_record, generate_answers
+from .scoring import RecordScorer, build_record, faithful_record, generate_answers
 from .store import PREDICTIONS, PredictionWriter, merge_rank_files, prediction_files, read_records, record_key
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ class BenchmarkLoop:
         self._writer: PredictionWriter | None = None
         self._originals: dict[str, torch.Tensor] = {}  # sequential: first snapshot of each touched tensor
         self._probe = None
-        self._device: torch.device = torch.device("cpu")
+        self._scorer: RecordScorer | None = None
 
     def key(self, request: EditRequest) -> tuple[str, bool, str, int]:
         """The request's resume key (see :func:`~anyedit_lightning.evaluation.store.record_key`)."""
@@ -97,7 +97,7 @@ class BenchmarkLoop:
         share = pending[fabric.global_rank :: fabric.world_size]
         name = PREDICTIONS if fabric.world_size == 1 else f"predictions.rank{fabric.global_rank}.jsonl"
         self._writer = PredictionWriter(self.out / name)
-        self._device = fabric.device
+        self._scorer = RecordScorer(self.config.similarity, fabric.device)
         was_training = self.model.training
         try:
             self.model.eval()
@@ -151,7 +151,7 @@ class BenchmarkLoop:
         records = []
         for request, answer, n_chunks, faithful in zip(batch, answers, chunks, faithfulness):
             timings = (n_chunks, edit_seconds, generation_seconds, len(batch))
-            record = build_record(request, answer, self.config, self.settings, self._device, *timings)
+            record = build_record(request, answer, self.config, self.settings, self._scorer, *timings)
             record["faithfulness"] = faithful_record(request, answer, faithful)
             self._writer.write(record)
             records.append(record)

@@ -45,7 +45,7 @@ from .config import (
     settings_hash,
 )
 from .loop import BenchmarkLoop
-from .scoring import build_record, faithful_record, generate_answers, score_pairs
+from .scoring import RecordScorer, build_record, faithful_record, generate_answers
 from .store import PREDICTIONS, PredictionWriter, merge_rank_files, prediction_files, read_records, record_key
 from .summary import FAITHFUL_KEYS, GROUPS, METRIC_KEYS, mean_of, mean_scores, summarize
 
@@ -62,6 +62,7 @@ __all__ = [
     "GridConfig",
     "Method",
     "PredictionWriter",
+    "RecordScorer",
     "RunOptions",
     "Split",
     "build_record",
@@ -81,7 +82,6 @@ __all__ = [
     "resolved",
     "run_benchmark",
     "run_grid",
-    "score_pairs",
     "selected_data",
     "settings_hash",
     "stats_for",

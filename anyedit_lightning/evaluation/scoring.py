@@ -8,21 +8,48 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from torchmetrics import Metric
 
-from ..metrics import Fluency, SubFactHits, score_texts
+from ..metrics import CharBLEU, Fluency, RougeRecall, SemanticSimilarity, SubFactHits, WordBLEU
 from ..requests import EditRequest, prompt_text
 from .config import BenchConfig, method_label
 from .generation import Generation, generate_batch
 from .summary import mean_scores
 
 
-def score_pairs(
-    predictions: Sequence[str], references: Sequence[str], similarity: bool, device: str | torch.device
-) -> list[dict[str, float]]:
-    """One dict of scores per (prediction, reference) pair."""
-    if not predictions:
-        return []
-    return score_texts(list(predictions), list(references), similarity=similarity, device=device)["per_item"]
+class RecordScorer:
+    """The paper's scores of (prediction, reference) pairs with the torchmetrics classes of
+    ``anyedit_lightning.metrics`` (character and word BLEU, ROUGE-1/2/L recall, MiniLM similarity).
+
+    The metrics are reset before every call, so each record's scores are its own: computed in this
+    process and never synchronised across ranks (each rank writes its records itself).
+    """
+
+    def __init__(self, similarity: bool = True, device: str | torch.device = "cpu"):
+        self.metrics: dict[str, Metric] = {
+            "char_bleu": CharBLEU(sync_on_compute=False),
+            "word_bleu": WordBLEU(sync_on_compute=False),
+            "rouge": RougeRecall(sync_on_compute=False),
+        }
+        if similarity:  # the encoder is loaded on the metric's device, the model's
+            self.metrics["similarity"] = SemanticSimilarity(sync_on_compute=False).to(device)
+
+    def __call__(self, predictions: Sequence[str], references: Sequence[str]) -> list[dict[str, float]]:
+        """One dict of scores per pair, keyed like ``METRIC_KEYS``."""
+        if not predictions:
+            return []
+        columns: dict[str, list] = {}
+        for name, metric in self.metrics.items():
+            metric.reset()
+            metric.update(list(predictions), list(references))
+            columns[name] = metric.per_item()
+        rows = [
+            {"char_bleu": char, "word_bleu": word, **rouge}
+            for char, word, rouge in zip(columns["char_bleu"], columns["word_bleu"], columns["rouge"])
+        ]
+        for row, value in zip(rows, columns.get("similarity", ())):
+            row["similarity"] = value
+        return rows
 
 
 def generate_answers(
@@ -66,7 +93,7 @@ def build_record(
     answer: Mapping[str, Any],
     config: BenchConfig,
     settings: str,
-    device: str | torch.device,
+    scorer: RecordScorer,
     chunks: int | None,
     edit_seconds: float | None,
     generation_seconds: float,
@@ -74,13 +101,10 @@ def build_record(
 ) -> dict[str, Any]:
     """The predictions-file record of one request (timings are per request of the edited batch)."""
     extra = request.extra
-    sim = config.similarity
-    original = score_pairs([answer["prompt"].text], [request.target], sim, device)[0]
-    paraphrase = (
-        score_pairs([answer["para"].text], [request.target], sim, device)[0] if answer["para"] else None
-    )
+    original = scorer([answer["prompt"].text], [request.target])[0]
+    paraphrase = scorer([answer["para"].text], [request.target])[0] if answer["para"] else None
     sub_answers = list(extra.get("sub_answers") or [])
-    sub_rows = score_pairs([g.text for g in answer["sub"]], sub_answers, sim, device)
+    sub_rows = scorer([g.text for g in answer["sub"]], sub_answers)
     return {
         "id": extra.get("id"),
         "index": extra["index"],
