@@ -1,4 +1,4 @@
-"""Benchmarking edits (docs/algorithm.md §6): batched greedy generation, the resumable benchmark loop, reports."""
+"""Benchmarking edits (docs/algorithm.md §6): batched greedy generation, the resumable loop, reports."""
 
 from .edit_report import EditReport, edit_report
 from .faithfulness import FaithfulnessOptions, FaithfulnessProbe

@@ -1,4 +1,4 @@
-"""The benchmark loop (docs/algorithm.md §6): edit → answer → score → restore, one batch of requests at a time.
+"""The benchmark loop (docs/algorithm.md §6): edit → answer → score → restore, one batch at a time.
 
 A plain loop over records rather than a ``LightningModule`` under ``Trainer.predict``: every edit is
 already a ``Trainer.fit`` of an ``AnyEditModule`` (:func:`anyedit_lightning.api.edit`), and a predict

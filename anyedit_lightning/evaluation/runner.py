@@ -8,7 +8,8 @@ same folder skips the requests already there (same method, AnyEdit flag, benchma
 
 The parts live in their own modules: settings in :mod:`.config`, the predictions file in :mod:`.store`,
 a record's answers and scores in :mod:`.scoring`, the means in :mod:`.summary`, the loop over records
-(and why it is one, with Lightning Fabric for several processes) in :mod:`.loop`. Their public names are importable from here as well.
+(and why it is one, with Lightning Fabric for several processes) in :mod:`.loop`. Their public names
+are importable from here as well.
 
 Example:
     >>> summary = run_benchmark(BenchConfig(method="memit", anyedit=True, dataset="unkebench",
