@@ -194,11 +194,14 @@ def test_resume_skips_finished_requests(tmp_path, data_file, tokenizer, stats, e
     out = tmp_path / "run"
     run_benchmark(config(data_file, out, limit=2), model, tokenizer, stats)
     assert len(edit_calls) == 2
+    # As if a multi-process run had been killed before rank 0 merged: its records are in a rank file.
+    (out / PREDICTIONS).rename(out / "predictions.rank1.jsonl")
     row = run_benchmark(config(data_file, out, limit=3), model, tokenizer, stats)
     assert len(edit_calls) == 3  # only the third request was edited again
     assert row["edits_performed"] == 1 and row["n"] == 3
     records = jsonl(out / PREDICTIONS)
     assert len(records) == 3 and len({record_key(r) for r in records}) == 3
+    assert not list(out.glob("predictions.rank*.jsonl"))  # folded into the predictions file
     # Another method in the same folder is not "done" yet.
     run_benchmark(config(data_file, out, limit=1, anyedit=False), model, tokenizer, stats)
     assert len(edit_calls) == 4

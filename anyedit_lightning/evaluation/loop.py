@@ -120,11 +120,10 @@ class BenchmarkLoop:
                 self._restore(self._originals)
             self._originals = {}
             self.model.train(was_training)
-        if fabric.world_size > 1:
-            fabric.barrier()
-            if fabric.is_global_zero:
-                merge_rank_files(self.out)
-            fabric.barrier()
+        fabric.barrier()
+        if fabric.is_global_zero:  # also folds in the rank files of an interrupted multi-process run
+            merge_rank_files(self.out)
+        fabric.barrier()
 
     def run_batch(self, batch: list[EditRequest]) -> list[dict[str, Any]]:
         """Edit, generate, score, restore and write the records of one batch; returns the records."""
