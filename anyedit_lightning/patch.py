@@ -7,13 +7,8 @@ timestamp. Only the touched tensors are stored: the edited down-projections for 
 decoder layer's parameters for UnKE. For SmolLM2-135M with 5 edited layers that is 5 × 576 × 1536
 float32 values, about 17 MB, against ~540 MB for the float32 model.
 
-Floating-point ``before + delta`` is not always exactly ``after`` (nor ``after − delta`` exactly
-``before``), so each patch also stores *fix-ups*: for every tensor and direction, the flat indices of
-the elements where the arithmetic misses, with the exact value expected there before and the exact
-value to write. They are found when the patch is made, by running the very arithmetic ``apply`` and
-``revert`` use and comparing bit patterns, so both directions are bit-exact. Normally there are few or
-none; when an update is large against the weights (tiny random test models), a float32 tensor's delta
-is kept in float64 instead, which needs none, whenever that is smaller.
+Floating-point ``before + delta`` is not always exactly ``after``, so each patch also stores *fix-ups*
+that make both directions bit-exact (``patch_deltas``); the file format is in ``patch_format``.
 
 Safety: ``apply`` refuses a model whose fingerprint is not the patch's base fingerprint, and
 ``revert`` one whose fingerprint is not the patch's result fingerprint, unless ``force=True``. The
@@ -30,21 +25,28 @@ Example:
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .fingerprint import weights_fingerprint
+from .patch_deltas import (
+    Direction,
+    FixUp,
+    PatchMismatchError,
+    bits,
+    diff_with_fixups,
+    fingerprint_with,
+    named_tensors,
+    write_deltas,
+)
+from .patch_format import FORMAT, PatchFileError, read_patch_file, write_patch_file
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -52,122 +54,15 @@ if TYPE_CHECKING:
     from .module import AnyEditModule
     from .requests import EditRequest
 
-FORMAT = "anyedit_lightning.EditPatch/1"
-Direction = Literal["apply", "revert"]
-_DIRECTIONS: tuple[Direction, ...] = ("apply", "revert")
-_INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-class PatchMismatchError(ValueError):
-    """The patch does not belong to the model state it is applied to / reverted from."""
-
-
-class PatchFileError(ValueError):
-    """A file is not a readable EditPatch (a folder, another format, a corrupt header or tensors)."""
-
-
-@dataclass
-class FixUp:
-    """Elements (flat ``index``) where the delta arithmetic misses: if the element holds ``source``
-    (bitwise) before the step, it is set to ``target`` after it."""
-
-    index: torch.Tensor  # [n], int32 (int64 for tensors of 2**31 elements or more)
-    source: torch.Tensor  # [n], the parameter's dtype
-    target: torch.Tensor  # [n], the parameter's dtype
-
-    def __len__(self) -> int:
-        return int(self.index.numel())
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.index, self.source, self.target))
-
-
-def _bits(tensor: torch.Tensor) -> torch.Tensor:
-    """The raw bit pattern (so ``-0.0 != 0.0`` and every NaN payload counts)."""
-    if tensor.is_floating_point() and tensor.element_size() in _INT_OF_SIZE:
-        return tensor.view(_INT_OF_SIZE[tensor.element_size()])
-    return tensor
-
-
-def _delta_dtypes(dtype: torch.dtype) -> tuple[torch.dtype, ...]:
-    """Candidate delta dtypes, preferred first: float32 for half-precision tensors (their differences are
-    exact there), else the tensor's own dtype; float32 tensors may fall back to float64 (see ``_diff``)."""
-    if dtype.is_floating_point and torch.finfo(dtype).bits < 32:
-        return (torch.float32,)
-    if dtype == torch.float32:
-        return (torch.float32, torch.float64)
-    return (dtype,)
-
-
-def _step(current: torch.Tensor, delta: torch.Tensor, direction: Direction) -> torch.Tensor:
-    """The arithmetic of one step, in the delta's dtype, rounded back to the parameter's dtype."""
-    wide = current.detach().to(delta.dtype)
-    delta = delta.to(current.device)
-    out = wide + delta if direction == "apply" else wide - delta
-    return out.to(current.dtype).contiguous()
-
-
-def _fixup(result: torch.Tensor, source: torch.Tensor, target: torch.Tensor) -> FixUp:
-    """Where ``result`` (computed from ``source``) is not bitwise ``target``."""
-    miss = (_bits(result) != _bits(target)).reshape(-1)
-    index = miss.nonzero().reshape(-1)
-    index = index.to(torch.int32 if miss.numel() < 2**31 else torch.int64)
-    return FixUp(
-        index.cpu(),
-        source.reshape(-1)[index].detach().cpu().clone(),
-        target.reshape(-1)[index].detach().cpu().clone(),
-    )
-
-
-def _diff(before: torch.Tensor, after: torch.Tensor) -> tuple[torch.Tensor, dict[str, FixUp]]:
-    """``after − before`` and the fix-ups of both directions, in the candidate dtype that stores smallest.
-
-    Normally the float32 delta of a float32 tensor needs few or no fix-ups. When an update is large
-    against the weights (e.g. an edit of a tiny random model) most float32 differences round, and a
-    float64 delta (exact, no fix-ups) is smaller than float32 plus fix-ups, so that is kept instead.
-    """
-    best: tuple[int, torch.Tensor, dict[str, FixUp]] | None = None
-    for dtype in _delta_dtypes(after.dtype):
-        delta = after.to(dtype) - before.to(dtype)
-        fixups = {
-            "apply": _fixup(_step(before, delta, "apply"), before, after),
-            "revert": _fixup(_step(after, delta, "revert"), after, before),
-        }
-        size = delta.numel() * delta.element_size() + sum(f.nbytes for f in fixups.values())
-        if best is None or size < best[0]:
-            best = (size, delta, fixups)
-        if not any(len(f) for f in fixups.values()):
-            break
-    return best[1], best[2]
-
-
-def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Parameters and buffers by name, each storage once (tied weights appear under their first name)."""
-    tensors = dict(model.named_parameters())
-    for name, buffer in model.named_buffers():
-        tensors.setdefault(name, buffer)
-    return tensors
-
-
-class _StateView:
-    """Quacks like a module for :func:`weights_fingerprint`: its ``state_dict`` with some tensors replaced."""
-
-    def __init__(self, model: nn.Module, replacements: Mapping[str, torch.Tensor]):
-        tensors = _named_tensors(model)
-        by_storage = {(tensors[n].data_ptr(), tuple(tensors[n].shape)): v for n, v in replacements.items()}
-        self._state = {
-            name: by_storage.get((value.data_ptr(), tuple(value.shape)), value)
-            for name, value in model.state_dict().items()
-        }
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self._state
-
-
-def fingerprint_with(model: nn.Module, replacements: Mapping[str, torch.Tensor]) -> str:
-    """``weights_fingerprint`` of ``model`` as if the named tensors held ``replacements`` (nothing is written)."""
-    return weights_fingerprint(_StateView(model, replacements))  # type: ignore[arg-type]
+__all__ = [
+    "FORMAT",
+    "EditPatch",
+    "FixUp",
+    "PatchFileError",
+    "PatchMismatchError",
+    "fingerprint_with",
+    "save_edited_model",
+]
 
 
 def _request_dicts(requests: Sequence[EditRequest] | None) -> list[dict[str, Any]]:
@@ -206,7 +101,7 @@ class EditPatch:
     Attributes:
         deltas: ``after − before`` per touched tensor name, on CPU: float32 for half-precision tensors,
             else the tensor's own dtype, except float64 for a float32 tensor whose update is so large
-            against its weights that float32 plus fix-ups would take more room (see ``_diff``).
+            against its weights that float32 plus fix-ups would take more room (``diff_with_fixups``).
         fixups: per tensor name, a :class:`FixUp` per direction (``"apply"``, ``"revert"``).
         method: the writer that made the edit (``"memit"``, ``"alphaedit"``, ``"unke"``, ...).
         hyperparameters: the ``EditConfig`` as a dict (plus ``"writer"``: the writer's scalar settings).
@@ -246,7 +141,7 @@ class EditPatch:
         """
         from . import __version__
 
-        current = _named_tensors(model)
+        current = named_tensors(model)
         deltas: dict[str, torch.Tensor] = {}
         fixups: dict[str, dict[str, FixUp]] = {}
         used: dict[str, torch.Tensor] = {}
@@ -260,9 +155,9 @@ class EditPatch:
                     f"{after.dtype} {tuple(after.shape)}; a patch needs the same tensor before and after."
                 )
             before = before.detach().to(after.device)
-            if only_changed and torch.equal(_bits(before), _bits(after)):
+            if only_changed and torch.equal(bits(before), bits(after)):
                 continue
-            delta, fixups[name] = _diff(before, after)
+            delta, fixups[name] = diff_with_fixups(before, after)
             deltas[name] = delta.cpu().contiguous()
             used[name] = before
         if base_fingerprint is None:
@@ -339,96 +234,12 @@ class EditPatch:
 
         Written to a temporary file and renamed, so an interrupted save never leaves a partial patch.
         """
-        path = Path(path)
-        tensors: dict[str, torch.Tensor] = {}
-        names = list(self.deltas)
-        for i, name in enumerate(names):
-            tensors[f"delta.{i}"] = self.deltas[name].contiguous()
-            for direction, fix in self.fixups.get(name, {}).items():
-                if len(fix):
-                    tensors[f"fixup.{direction}.{i}.index"] = fix.index.contiguous()
-                    tensors[f"fixup.{direction}.{i}.source"] = fix.source.contiguous()
-                    tensors[f"fixup.{direction}.{i}.target"] = fix.target.contiguous()
-        meta = self.metadata()
-        header = {
-            "format": FORMAT,
-            "tensor_names": json.dumps(names),
-            "param_dtypes": json.dumps({n: str(self._param_dtype(n)).removeprefix("torch.") for n in names}),
-            **{k: v if isinstance(v, str) else json.dumps(v, default=str) for k, v in meta.items()},
-        }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=header)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path
+        return write_patch_file(Path(path), self.deltas, self.fixups, self.metadata())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> EditPatch:
         """Read a patch file; anything that is not one raises :class:`PatchFileError` naming the path."""
-        path = Path(path)
-        if path.is_dir():
-            raise PatchFileError(
-                f"{path} is a folder; pass the patch file itself (e.g. ada.patch.safetensors)."
-            )
-        if not path.is_file():
-            raise FileNotFoundError(f"No patch file at {path}.")
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                header = handle.metadata() or {}
-        except Exception as error:  # SafetensorError and friends: a corrupt or foreign file
-            raise PatchFileError(
-                f"{path} is not a readable EditPatch file (corrupt header: {error})."
-            ) from None
-        if header.get("format") != FORMAT:
-            raise PatchFileError(
-                f"{path} is not an EditPatch file (format {header.get('format')!r}, expected {FORMAT!r})."
-            )
-        try:
-            return cls._from_file(path, header)
-        except Exception as error:  # truncated data, missing keys, malformed JSON in the header
-            raise PatchFileError(
-                f"{path} is a damaged EditPatch file ({type(error).__name__}: {error})."
-            ) from None
-
-    @classmethod
-    def _from_file(cls, path: Path, header: dict[str, str]) -> EditPatch:
-        tensors = load_file(str(path))
-        names = json.loads(header["tensor_names"])
-        dtypes = json.loads(header["param_dtypes"])
-        deltas, fixups = {}, {}
-        for i, name in enumerate(names):
-            deltas[name] = tensors[f"delta.{i}"]
-            dtype = getattr(torch, dtypes[name])
-            fixups[name] = {}
-            for direction in _DIRECTIONS:
-                key = f"fixup.{direction}.{i}"
-                if f"{key}.index" in tensors:
-                    fixups[name][direction] = FixUp(
-                        tensors[f"{key}.index"], tensors[f"{key}.source"], tensors[f"{key}.target"]
-                    )
-                else:
-                    empty = torch.empty(0, dtype=dtype)
-                    fixups[name][direction] = FixUp(torch.empty(0, dtype=torch.int32), empty, empty.clone())
-        return cls(
-            deltas=deltas,
-            fixups=fixups,
-            base_fingerprint=header["base_fingerprint"],
-            result_fingerprint=header["result_fingerprint"],
-            method=header.get("method", "unknown"),
-            hyperparameters=json.loads(header.get("hyperparameters", "{}")),
-            requests=json.loads(header.get("requests", "[]")),
-            library_version=header.get("library_version", ""),
-            timestamp=header.get("timestamp", ""),
-        )
-
-    def _param_dtype(self, name: str) -> torch.dtype:
-        fix = self.fixups.get(name, {}).get("apply")
-        return fix.source.dtype if fix is not None else self.deltas[name].dtype
+        return cls(**read_patch_file(Path(path)))
 
     # ---- apply / revert ------------------------------------------------------------------------------
     def apply(self, model: nn.Module, force: bool = False) -> None:
@@ -438,7 +249,7 @@ class EditPatch:
         adds the deltas to whatever weights the model has (not bit-exact, no guarantee it works).
         """
         self._check(model, "apply", force)
-        self._write(model, "apply", expect=None if force else self.result_fingerprint)
+        write_deltas(model, self.deltas, self.fixups, "apply", None if force else self.result_fingerprint)
 
     def revert(self, model: nn.Module, force: bool = False) -> None:
         """Undo the edit in ``model`` (in place), restoring the weights before it bit-exactly.
@@ -447,10 +258,10 @@ class EditPatch:
         with stacked patches, revert the most recent first. ``force=True`` subtracts the deltas anyway.
         """
         self._check(model, "revert", force)
-        self._write(model, "revert", expect=None if force else self.base_fingerprint)
+        write_deltas(model, self.deltas, self.fixups, "revert", None if force else self.base_fingerprint)
 
     def _check(self, model: nn.Module, direction: Direction, force: bool) -> None:
-        tensors = _named_tensors(model)
+        tensors = named_tensors(model)
         for name, delta in self.deltas.items():
             if name not in tensors:
                 raise PatchMismatchError(f"The model has no parameter {name!r}, which this patch changes.")
@@ -482,36 +293,6 @@ class EditPatch:
                 f"Refusing to revert: this patch produces weights fingerprint {self.result_fingerprint[:12]}, "
                 f"but the model has {actual[:12]}.{hint} Pass force=True to subtract the deltas anyway."
             )
-
-    def _write(self, model: nn.Module, direction: Direction, expect: str | None) -> None:
-        """All tensors or none: any exception (or interrupt) restores the touched tensors bit-exactly."""
-        tensors = _named_tensors(model)
-        snapshot = {name: tensors[name].detach().clone() for name in self.deltas}
-        try:
-            with torch.no_grad():
-                for name, delta in self.deltas.items():
-                    current = tensors[name]
-                    new = _step(current, delta, direction)
-                    fix = self.fixups.get(name, {}).get(direction)
-                    if fix is not None and len(fix):
-                        index = fix.index.to(current.device, torch.long)
-                        flat = new.view(-1)
-                        old = current.detach().reshape(-1)[index]
-                        hit = _bits(old) == _bits(fix.source.to(current.device))
-                        flat[index[hit]] = fix.target.to(current.device)[hit]
-                    current.copy_(new)
-            if expect is not None:
-                actual = weights_fingerprint(model)
-                if actual != expect:
-                    raise PatchMismatchError(
-                        f"After {direction} the model has fingerprint {actual[:12]}, not the expected {expect[:12]}; "
-                        "the weights were restored."
-                    )
-        except BaseException:
-            with torch.no_grad():
-                for name, value in snapshot.items():
-                    tensors[name].copy_(value)
-            raise
 
 
 def save_edited_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase, path: str | os.PathLike) -> Path:

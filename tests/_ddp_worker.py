@@ -1,13 +1,14 @@
 """Standalone worker for ``test_distributed.py``: statistics and a benchmark under Lightning DDP on CPU.
 
-Lightning's ``strategy="ddp"`` re-runs this script once per extra rank (that is why it is a script and
+Lightning's ``strategy="ddp"`` (Trainer or Fabric) re-runs this script once per extra rank (that is why it is a script and
 not a pytest function).
 
 * ``python tests/_ddp_worker.py stats OUT DEVICES``: every rank saves what it saw (``OUT/rank{r}.pt``:
   the number of batches it was given and the reduced result), so the test can check both the
   all-reduce and the sharding.
 * ``python tests/_ddp_worker.py bench OUT DEVICES DATA``: a MEMIT+AnyEdit benchmark of the tiny
-  Llama on the records in ``DATA``, predictions in ``OUT`` (merged by rank 0 when DEVICES > 1).
+  Llama on the records in ``DATA`` (a Fabric with DEVICES CPU processes), predictions in ``OUT``
+  (merged by rank 0 when DEVICES > 1).
 """
 
 from __future__ import annotations
@@ -88,24 +89,9 @@ def run(devices: int) -> tuple[dict, dict]:
     return stats.matrices, info
 
 
-def trainer_options(devices: int) -> dict:
-    """CPU Trainer options; DDP (gloo) when ``devices`` > 1."""
-    options = dict(
-        accelerator="cpu",
-        devices=devices,
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-    )
-    if devices > 1:
-        options["strategy"] = "ddp"
-    return options
-
-
 def bench(out: Path, devices: int, data: Path) -> dict:
     """Run the benchmark on ``devices`` processes; rank 0 returns the summary row (others: {})."""
-    import anyedit_lightning.evaluation.runner as runner_module
+    from anyedit_lightning.evaluation.loop import BenchmarkLoop
     from anyedit_lightning.evaluation.runner import BenchConfig, run_benchmark
 
     torch.set_num_threads(1)
@@ -128,23 +114,22 @@ def bench(out: Path, devices: int, data: Path) -> dict:
         similarity=False,
         progress_bar=False,
     )
-    trainer = L.Trainer(**trainer_options(devices), inference_mode=False)
-    module_class = runner_module.BenchmarkModule
+    fabric = L.Fabric(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto")
     edited: list[str] = []
-    original = module_class.predict_step
+    original = BenchmarkLoop.run_batch
 
-    def recording_step(self, batch, batch_idx):
+    def recording_batch(self, batch):
         edited.extend(r.prompt for r in batch)
-        return original(self, batch, batch_idx)
+        return original(self, batch)
 
-    module_class.predict_step = recording_step
+    BenchmarkLoop.run_batch = recording_batch
     try:
-        row = run_benchmark(config, model, tokenizer, stats, trainer=trainer, report=False)
+        row = run_benchmark(config, model, tokenizer, stats, fabric=fabric, report=False)
     finally:
-        module_class.predict_step = original
-    seen = {"rank": trainer.global_rank, "world": trainer.world_size, "requests": edited}
+        BenchmarkLoop.run_batch = original
+    seen = {"rank": fabric.global_rank, "world": fabric.world_size, "requests": edited}
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"seen.rank{trainer.global_rank}.json").write_text(json.dumps(seen))
+    (out / f"seen.rank{fabric.global_rank}.json").write_text(json.dumps(seen))
     return row
 
 

@@ -10,7 +10,7 @@ import torch
 from tiny import EOS_ID, build_tokenizer, poet_records, tiny_model
 
 import anyedit_lightning.api as api_module
-import anyedit_lightning.evaluation.runner as runner_module
+import anyedit_lightning.evaluation.scoring as scoring_module
 from anyedit_lightning import get_preset
 from anyedit_lightning.evaluation.generation import Generation, _decode, generate_batch
 from anyedit_lightning.evaluation.report import markdown_table, write_report
@@ -19,6 +19,7 @@ from anyedit_lightning.evaluation.runner import (
     BenchConfig,
     GridConfig,
     PredictionWriter,
+    RecordScorer,
     merge_rank_files,
     read_records,
     record_key,
@@ -28,6 +29,7 @@ from anyedit_lightning.evaluation.runner import (
     run_grid,
     summarize,
 )
+from anyedit_lightning.metrics import score_texts
 from anyedit_lightning.requests import render_prompt
 from anyedit_lightning.stats import compute_covariance
 
@@ -192,11 +194,14 @@ def test_resume_skips_finished_requests(tmp_path, data_file, tokenizer, stats, e
     out = tmp_path / "run"
     run_benchmark(config(data_file, out, limit=2), model, tokenizer, stats)
     assert len(edit_calls) == 2
+    # As if a multi-process run had been killed before rank 0 merged: its records are in a rank file.
+    (out / PREDICTIONS).rename(out / "predictions.rank1.jsonl")
     row = run_benchmark(config(data_file, out, limit=3), model, tokenizer, stats)
     assert len(edit_calls) == 3  # only the third request was edited again
     assert row["edits_performed"] == 1 and row["n"] == 3
     records = jsonl(out / PREDICTIONS)
     assert len(records) == 3 and len({record_key(r) for r in records}) == 3
+    assert not list(out.glob("predictions.rank*.jsonl"))  # folded into the predictions file
     # Another method in the same folder is not "done" yet.
     run_benchmark(config(data_file, out, limit=1, anyedit=False), model, tokenizer, stats)
     assert len(edit_calls) == 4
@@ -210,7 +215,7 @@ def test_interrupted_run_keeps_records_restores_weights_and_resumes(
     model = tiny_model("llama")
     before = snapshot(model)
     out = tmp_path / "run"
-    real = runner_module.generate_batch
+    real = scoring_module.generate_batch
     calls = {"n": 0}
 
     def failing(*args, **kwargs):
@@ -219,13 +224,13 @@ def test_interrupted_run_keeps_records_restores_weights_and_resumes(
             raise RuntimeError("killed")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(runner_module, "generate_batch", failing)
+    monkeypatch.setattr(scoring_module, "generate_batch", failing)
     with pytest.raises(RuntimeError, match="killed"):
         run_benchmark(config(data_file, out), model, tokenizer, stats)
     assert len(edit_calls) == 3
     assert same_weights(model, before)  # the interrupted edit was rolled back too
     assert [r["index"] for r in jsonl(out / PREDICTIONS)] == [0, 1]
-    monkeypatch.setattr(runner_module, "generate_batch", real)
+    monkeypatch.setattr(scoring_module, "generate_batch", real)
     row = run_benchmark(config(data_file, out), model, tokenizer, stats)
     assert len(edit_calls) == 4 and row["edits_performed"] == 1 and row["n"] == 3
     assert [r["index"] for r in jsonl(out / PREDICTIONS)] == [0, 1, 2]
@@ -311,6 +316,18 @@ def test_predictions_file_survives_a_torn_line_and_rank_files_merge(tmp_path) ->
     assert not list(tmp_path.glob("predictions.rank*.jsonl"))
 
 
+def test_record_scorer_gives_the_numbers_of_score_texts() -> None:
+    preds = ["Paris is the capital. It is big.", "", "def add(a, b): return a + b", "No."]
+    refs = ["The capital is Paris. It is large.", "Hello. World. ", "def add(a, b):\n    return a + b", "No"]
+    scorer = RecordScorer(similarity=True)
+    for _ in range(2):  # reset between calls: each call's scores are its own
+        assert scorer(preds, refs) == score_texts(preds, refs, similarity=True)["per_item"]
+    assert RecordScorer(similarity=False)(preds[:1], refs[:1]) == [
+        score_texts(preds[:1], refs[:1], similarity=False)["per_item"][0]
+    ]
+    assert scorer([], []) == []
+
+
 def _row(method, anyedit, dataset, value, categories=None):
     scores = {
         "char_bleu": value,
@@ -393,6 +410,8 @@ def test_config_checks_before_loading_anything() -> None:
         resolved(BenchConfig(edit={"no_such_field": 1}))
     with pytest.raises(ValueError, match="method"):
         resolved(BenchConfig(method="rome"))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="'ddp'"):  # the loop needs the model in the calling process
+        resolved(BenchConfig(strategy="ddp_spawn"))
     # no method: the preset's recommended (most faithful) one
     assert resolved(BenchConfig()).method == get_preset("smollm2-135m-instruct").method == "unke"
     assert resolved(BenchConfig(preset="authors")).method == get_preset("authors").method

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 from tiny import EOS_ID, IM_START_ID, build_tokenizer, poet_records, tiny_model
 
-import anyedit_lightning.evaluation.runner as runner_module
+import anyedit_lightning.evaluation.scoring as scoring_module
 from anyedit_lightning import (
     EditConfig,
     EditConfigError,
@@ -384,7 +384,7 @@ def test_interrupted_benchmark_reaches_the_caller_as_keyboard_interrupt(tmp_path
     def interrupted(*args, **kwargs):  # after the edit, while generating
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(runner_module, "generate_batch", interrupted)
+    monkeypatch.setattr(scoring_module, "generate_batch", interrupted)
     config = BenchConfig(
         model="tiny-llama",
         preset="smollm2-135m-instruct",

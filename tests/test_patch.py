@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from tiny import CORPUS, tiny_model
 
 import anyedit_lightning
-from anyedit_lightning import EditConfig, EditRequest, compute_covariance, edit
+from anyedit_lightning import EditConfig, EditRequest, compute_covariance, edit, patch_deltas
 from anyedit_lightning import api as api_module
 from anyedit_lightning import patch as patch_module
 from anyedit_lightning.fingerprint import weights_fingerprint
@@ -250,7 +250,7 @@ def test_stacked_patches_revert_in_reverse_order_only(edited):
 
 def test_interrupted_apply_leaves_model_untouched(edited, monkeypatch):
     model = fresh(edited.family)
-    real_step, calls = patch_module._step, []
+    real_step, calls = patch_deltas.delta_step, []
 
     def flaky(current, delta, direction):
         calls.append(direction)
@@ -258,7 +258,7 @@ def test_interrupted_apply_leaves_model_untouched(edited, monkeypatch):
             raise KeyboardInterrupt
         return real_step(current, delta, direction)
 
-    monkeypatch.setattr(patch_module, "_step", flaky)
+    monkeypatch.setattr(patch_deltas, "delta_step", flaky)
     with pytest.raises(KeyboardInterrupt):
         edited.patch1.apply(model)
     assert_state(model, edited.base)
@@ -297,7 +297,7 @@ def test_fixups_make_apply_and_revert_bit_exact(dtype, tmp_path):
 
 def test_float32_deltas_with_many_fixups_stay_bit_exact(edited, monkeypatch, tmp_path):
     """The tiny edits are large against the weights: forced to float32, most elements need a fix-up."""
-    monkeypatch.setattr(patch_module, "_delta_dtypes", lambda dtype: (torch.float32,))
+    monkeypatch.setattr(patch_deltas, "delta_dtypes", lambda dtype: (torch.float32,))
     model = fresh(edited.family)
     model.load_state_dict(edited.state1)
     patch = EditPatch.between(model, edited.base)

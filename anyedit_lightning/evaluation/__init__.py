@@ -1,14 +1,14 @@
-"""Benchmarking edits (docs/algorithm.md §6): batched greedy generation, the resumable Lightning loop, reports."""
+"""Benchmarking edits (docs/algorithm.md §6): batched greedy generation, the resumable loop, reports."""
 
 from .edit_report import EditReport, edit_report
 from .faithfulness import FaithfulnessOptions, FaithfulnessProbe
 from .generation import Generation, generate_batch
 from .report import markdown_table, write_report
-from .runner import BenchConfig, BenchmarkModule, GridConfig, run_benchmark, run_grid, summarize
+from .runner import BenchConfig, BenchmarkLoop, GridConfig, run_benchmark, run_grid, summarize
 
 __all__ = [
     "BenchConfig",
-    "BenchmarkModule",
+    "BenchmarkLoop",
     "EditReport",
     "FaithfulnessOptions",
     "FaithfulnessProbe",

@@ -1,0 +1,122 @@
+"""The EditPatch file: one safetensors file, deltas and fix-ups as tensors, metadata as JSON strings in its
+header (format ``anyedit_lightning.EditPatch/1``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from .patch_deltas import DIRECTIONS, FixUp
+
+FORMAT = "anyedit_lightning.EditPatch/1"
+
+
+class PatchFileError(ValueError):
+    """A file is not a readable EditPatch (a folder, another format, a corrupt header or tensors)."""
+
+
+def param_dtype(
+    deltas: Mapping[str, torch.Tensor], fixups: Mapping[str, Mapping[str, FixUp]], name: str
+) -> torch.dtype:
+    """The patched tensor's dtype (a fix-up holds values of it; a delta may be wider)."""
+    fix = fixups.get(name, {}).get("apply")
+    return fix.source.dtype if fix is not None else deltas[name].dtype
+
+
+def write_patch_file(
+    path: Path,
+    deltas: Mapping[str, torch.Tensor],
+    fixups: Mapping[str, Mapping[str, FixUp]],
+    metadata: Mapping[str, Any],
+) -> Path:
+    """Write the file through a temporary one renamed at the end, so an interrupted save never leaves a
+    partial patch."""
+    tensors: dict[str, torch.Tensor] = {}
+    names = list(deltas)
+    for i, name in enumerate(names):
+        tensors[f"delta.{i}"] = deltas[name].contiguous()
+        for direction, fix in fixups.get(name, {}).items():
+            if len(fix):
+                tensors[f"fixup.{direction}.{i}.index"] = fix.index.contiguous()
+                tensors[f"fixup.{direction}.{i}.source"] = fix.source.contiguous()
+                tensors[f"fixup.{direction}.{i}.target"] = fix.target.contiguous()
+    dtypes = {n: str(param_dtype(deltas, fixups, n)).removeprefix("torch.") for n in names}
+    header = {
+        "format": FORMAT,
+        "tensor_names": json.dumps(names),
+        "param_dtypes": json.dumps(dtypes),
+        **{k: v if isinstance(v, str) else json.dumps(v, default=str) for k, v in metadata.items()},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=header)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def read_patch_file(path: Path) -> dict[str, Any]:
+    """The ``EditPatch`` fields stored in ``path``; anything that is not a patch file raises
+    :class:`PatchFileError` naming the path."""
+    if path.is_dir():
+        raise PatchFileError(f"{path} is a folder; pass the patch file itself (e.g. ada.patch.safetensors).")
+    if not path.is_file():
+        raise FileNotFoundError(f"No patch file at {path}.")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+    except Exception as error:  # SafetensorError and friends: a corrupt or foreign file
+        raise PatchFileError(f"{path} is not a readable EditPatch file (corrupt header: {error}).") from None
+    if header.get("format") != FORMAT:
+        raise PatchFileError(
+            f"{path} is not an EditPatch file (format {header.get('format')!r}, expected {FORMAT!r})."
+        )
+    try:
+        return _fields(path, header)
+    except Exception as error:  # truncated data, missing keys, malformed JSON in the header
+        raise PatchFileError(
+            f"{path} is a damaged EditPatch file ({type(error).__name__}: {error})."
+        ) from None
+
+
+def _fields(path: Path, header: dict[str, str]) -> dict[str, Any]:
+    tensors = load_file(str(path))
+    names = json.loads(header["tensor_names"])
+    dtypes = json.loads(header["param_dtypes"])
+    deltas, fixups = {}, {}
+    for i, name in enumerate(names):
+        deltas[name] = tensors[f"delta.{i}"]
+        dtype = getattr(torch, dtypes[name])
+        fixups[name] = {}
+        for direction in DIRECTIONS:
+            key = f"fixup.{direction}.{i}"
+            if f"{key}.index" in tensors:
+                fixups[name][direction] = FixUp(
+                    tensors[f"{key}.index"], tensors[f"{key}.source"], tensors[f"{key}.target"]
+                )
+            else:
+                empty = torch.empty(0, dtype=dtype)
+                fixups[name][direction] = FixUp(torch.empty(0, dtype=torch.int32), empty, empty.clone())
+    return dict(
+        deltas=deltas,
+        fixups=fixups,
+        base_fingerprint=header["base_fingerprint"],
+        result_fingerprint=header["result_fingerprint"],
+        method=header.get("method", "unknown"),
+        hyperparameters=json.loads(header.get("hyperparameters", "{}")),
+        requests=json.loads(header.get("requests", "[]")),
+        library_version=header.get("library_version", ""),
+        timestamp=header.get("timestamp", ""),
+    )
