@@ -131,6 +131,9 @@ class _Active:
     """What one request contributes to chunk ``j``'s batched optimisation."""
 
     row: int
+    """The request's row in this chunk's padded batch (requests without a chunk ``j`` are left out)."""
+    index: int
+    """The request's row in δ (its place in the plans)."""
     plan: RequestPlan
     chunk: Chunk
     key: int
@@ -219,78 +222,28 @@ class DeltaOptimizer:
         return logits, seen.get("h"), _returned_cache(out) if want_cache else None
 
     # ---- one chunk --------------------------------------------------------------------------------
-    def optimise(self, plans: Sequence[RequestPlan], j: int) -> list[dict[str, float]]:
-        """Optimise ``δ_j`` for every request that has a chunk ``j``; returns per-request metrics."""
-        active = []
-        for plan in plans:
-            if j < len(plan.chunks):
-                active.append(_Active(len(active), plan, plan.chunks[j], plan.keys[j]))
+    def start(self, plans: Sequence[RequestPlan], j: int, delta: torch.Tensor) -> ChunkRun:
+        """Set up ``δ_j``'s optimisation for every request that has a chunk ``j``.
+
+        ``delta`` holds one row per request of ``plans`` (zero at the start of the chunk); its optimizer
+        belongs to the caller, which drives the loop (``AnyEditModule.training_step``).
+        """
+        having = [(index, plan) for index, plan in enumerate(plans) if j < len(plan.chunks)]
+        active = [_Active(row, index, p, p.chunks[j], p.keys[j]) for row, (index, p) in enumerate(having)]
         if not active:
-            return []
+            raise ValueError(f"No request has a chunk {j}.")
         device = self.handle.device
         use_fast = self.config.fast and all(a.key >= 1 for a in active)
-        step_inputs = (
+        inputs = (
             self._fast_inputs(active, j, device) if use_fast else self._reference_inputs(active, j, device)
         )
-        label_ids, label_mask = pad_right([a.labels for a in active], self.pad_id, device)
+        labels = pad_right([a.labels for a in active], self.pad_id, device)
+        return ChunkRun(self, j, active, inputs, labels, delta)
 
-        # An explicit dtype: Lightning's "16-true" precision changes the default dtype.
-        delta = torch.zeros(
-            len(active), self.handle.hidden_size, dtype=self.dtype, device=device, requires_grad=True
-        )
-        optimizer = torch.optim.Adam([delta], lr=self.config.v_lr)
-        done = torch.zeros(len(active), dtype=torch.bool, device=device)
-        steps = torch.zeros(len(active), dtype=torch.long)
-        nll_before = None
-        h_init = None
-        nll_after = None
-        for _step in range(self.config.v_steps):
-            nll, h = self._nll(step_inputs, delta, label_ids, label_mask)
-            if h_init is None:
-                h_init = h
-                nll_before = nll.detach().clone()
-            reg = self.config.v_weight_decay * delta.norm(dim=-1) / h_init.norm(dim=-1) ** 2
-            loss = nll + reg
-            if not torch.isfinite(loss).all():
-                raise NonFiniteError(f"non-finite loss while optimising chunk {j} (loss={loss.tolist()})")
-            done |= loss.detach() < self.config.early_stop
-            if bool(done.all()):
-                nll_after = nll.detach()  # every δ is frozen at the value this NLL was computed with
-                break
-            steps += (~done).long().cpu()
-            optimizer.zero_grad()
-            loss[~done].sum().backward()
-            frozen = delta.detach()[done].clone()
-            optimizer.step()
-            with torch.no_grad():
-                delta[done] = frozen
-                limit = self.config.clamp * h_init.norm(dim=-1)
-                norm = delta.norm(dim=-1)
-                scale = torch.where(norm > limit, limit / norm.clamp_min(1e-12), torch.ones_like(norm))
-                delta.mul_(scale[:, None])
-            if not torch.isfinite(delta).all():
-                raise NonFiniteError(f"non-finite δ while optimising chunk {j}")
-        if nll_after is None:
-            with torch.no_grad():
-                nll_after, _ = self._nll(step_inputs, delta, label_ids, label_mask)
+    def chunk_done(self, j: int) -> None:
+        """Release the single-request prefix cache after its last chunk."""
         if self._stream is not None and j == len(self._stream["plan"].chunks) - 1:
-            self._stream = None  # the last chunk: release the prefix cache
-        metrics = []
-        for a in active:
-            d = delta[a.row].detach().clone()
-            a.plan.deltas.append(d)
-            a.plan.h_init.append(h_init[a.row].clone())
-            metrics.append(
-                {
-                    "nll_before": float(nll_before[a.row]),
-                    "nll_after": float(nll_after[a.row]),
-                    "delta_norm": float(d.norm()),
-                    "h_norm": float(h_init[a.row].norm()),
-                    "steps": int(steps[a.row]),
-                    "tokens": len(a.chunk),
-                }
-            )
-        return metrics
+            self._stream = None
 
     def _nll(self, inputs: dict, delta: torch.Tensor, label_ids: torch.Tensor, label_mask: torch.Tensor):
         """Mean NLL of each request's chunk tokens (one value per request) and the unperturbed key states."""
@@ -455,3 +408,87 @@ class DeltaOptimizer:
             cache.crop(-(end - a.key))
         self._stream = {"plan": a.plan, "j": j, "key": a.key, "cache": cache}
         return cache, z_window
+
+
+@dataclass
+class ChunkRun:
+    """Chunk ``j``'s Adam loop, stepped by the caller (docs/algorithm.md §3 step 4).
+
+    The caller owns δ and its optimizer and runs ``while (loss := run.loss()) is not None``: backward,
+    optimizer step, ``run.after_step()``. This object computes the loss of the requests still running,
+    holds stopped requests' δ fixed, clamps δ, and at ``finish`` stores ``δ_j`` and ``h_init`` in the plans.
+    """
+
+    objective: DeltaOptimizer
+    j: int
+    active: list[_Active]
+    inputs: dict
+    labels: tuple[torch.Tensor, torch.Tensor]
+    delta: torch.Tensor
+    steps_done: int = 0
+    h_init: torch.Tensor | None = None
+    nll_before: torch.Tensor | None = None
+    nll_after: torch.Tensor | None = None
+    held: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        device = self.delta.device
+        self.rows = torch.tensor([a.index for a in self.active], dtype=torch.long, device=device)
+        self.done = torch.zeros(len(self.active), dtype=torch.bool, device=device)
+        self.steps = torch.zeros(len(self.active), dtype=torch.long)
+
+    def loss(self) -> torch.Tensor | None:
+        """The summed loss of the requests still running; ``None`` once all have stopped or ``v_steps`` ran."""
+        config = self.objective.config
+        if self.steps_done == config.v_steps:
+            return None
+        self.steps_done += 1
+        delta = self.delta[self.rows]
+        nll, h = self.objective._nll(self.inputs, delta, *self.labels)
+        if self.h_init is None:
+            self.h_init, self.nll_before = h, nll.detach().clone()
+        loss = nll + config.v_weight_decay * delta.norm(dim=-1) / self.h_init.norm(dim=-1) ** 2
+        if not torch.isfinite(loss).all():
+            raise NonFiniteError(f"non-finite loss while optimising chunk {self.j} (loss={loss.tolist()})")
+        self.done |= loss.detach() < config.early_stop
+        if bool(self.done.all()):
+            self.nll_after = nll.detach()  # every δ is frozen at the value this NLL was computed with
+            return None
+        self.steps += (~self.done).long().cpu()
+        self.held = self.delta.detach()[self.rows[self.done]].clone()
+        return loss[~self.done].sum()
+
+    def after_step(self) -> None:
+        """Put stopped requests' δ back, then scale every δ onto the ball ``‖δ‖ ≤ c·‖h_init‖``."""
+        with torch.no_grad():
+            self.delta[self.rows[self.done]] = self.held
+            delta = self.delta[self.rows]
+            limit = self.objective.config.clamp * self.h_init.norm(dim=-1)
+            norm = delta.norm(dim=-1)
+            scale = torch.where(norm > limit, limit / norm.clamp_min(1e-12), torch.ones_like(norm))
+            self.delta[self.rows] = delta * scale[:, None]
+        if not torch.isfinite(self.delta).all():
+            raise NonFiniteError(f"non-finite δ while optimising chunk {self.j}")
+
+    def finish(self) -> list[dict[str, float]]:
+        """Append ``δ_j`` and ``h_init`` to each active request's plan; returns per-request metrics."""
+        if self.nll_after is None:
+            with torch.no_grad():
+                self.nll_after, _ = self.objective._nll(self.inputs, self.delta[self.rows], *self.labels)
+        self.objective.chunk_done(self.j)
+        metrics = []
+        for a in self.active:
+            d = self.delta[a.index].detach().clone()
+            a.plan.deltas.append(d)
+            a.plan.h_init.append(self.h_init[a.row].clone())
+            metrics.append(
+                {
+                    "nll_before": float(self.nll_before[a.row]),
+                    "nll_after": float(self.nll_after[a.row]),
+                    "delta_norm": float(d.norm()),
+                    "h_norm": float(self.h_init[a.row].norm()),
+                    "steps": int(self.steps[a.row]),
+                    "tokens": len(a.chunk),
+                }
+            )
+        return metrics
