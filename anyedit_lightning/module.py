@@ -32,7 +32,8 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from .config import EditConfig
-from .optimize import ChunkRun, DeltaOptimizer, plan_requests
+from .optimize import ChunkRun, DeltaOptimizer
+from .planning import plan_requests
 from .registry import ArchitectureSpec, resolve_architecture
 from .requests import EditRequest
 from .validation import validate_edit

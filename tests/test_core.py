@@ -20,9 +20,11 @@ import anyedit_lightning.writers.base as writers_base
 import anyedit_lightning.writers.memit as writers_memit
 from anyedit_lightning.api import default_trainer, edit
 from anyedit_lightning.config import EditConfig
+from anyedit_lightning.forward import ResidualForward
 from anyedit_lightning.hooks import add_at_positions, hidden_of, record_outputs
 from anyedit_lightning.module import AnyEditModule
-from anyedit_lightning.optimize import DeltaOptimizer, NonFiniteError, plan_requests
+from anyedit_lightning.optimize import DeltaOptimizer, NonFiniteError
+from anyedit_lightning.planning import plan_requests
 from anyedit_lightning.registry import ArchitectureSpec, UnsupportedArchitectureError, resolve_architecture
 from anyedit_lightning.requests import EditRequest, RequestError, tokenize_request
 from anyedit_lightning.stats import compute_covariance
@@ -176,13 +178,13 @@ def test_frozen_deltas_seen_by_chunk_j(tok, monkeypatch):
     """Spy on the forward: while chunk j optimises (reference path), j earlier δs are added besides δ_j."""
     model = tiny_model("llama")
     seen: list[tuple[int, int]] = []
-    original = DeltaOptimizer._forward
+    original = ResidualForward.__call__
 
     def spy(self, ids, mask, rows, positions, deltas, *args, **kwargs):
         seen.append((len(rows), ids.shape[1]))
         return original(self, ids, mask, rows, positions, deltas, *args, **kwargs)
 
-    monkeypatch.setattr(DeltaOptimizer, "_forward", spy)
+    monkeypatch.setattr(ResidualForward, "__call__", spy)
     module = run(model, tok, REQUESTS[:1], fast=False, v_steps=2, early_stop=0.0)
     plan = module.plans[0]
     # per chunk: v_steps forwards plus one for nll_after, each with j frozen δs + the chunk's own δ
