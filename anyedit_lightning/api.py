@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from .checks import WriterConfigError
 from .fingerprint import weights_fingerprint
-from .interrupts import call_trainer
+from .lightning_utils import call_keeping_device, trainer_for
 from .module import AnyEditModule
 from .patch import EditPatch
 from .presets import get_preset
@@ -65,20 +65,14 @@ def default_trainer(
     model: torch.nn.Module, callbacks: list, log_dir: str | None = None, **kwargs: Any
 ) -> L.Trainer:
     """A one-epoch Trainer on the model's device, logging per chunk to CSV (TensorBoard if you pass it)."""
-    device = next(model.parameters()).device
     defaults: dict[str, Any] = dict(
-        accelerator="cpu" if device.type == "cpu" else device.type,
-        devices=[device.index] if device.index is not None else 1,
         max_epochs=1,
         logger=CSVLogger(log_dir or tempfile.mkdtemp(prefix="anyedit-logs-"), name="edit"),
         log_every_n_steps=1,
-        enable_checkpointing=False,
-        enable_model_summary=False,
         num_sanity_val_steps=0,
         callbacks=callbacks,
     )
-    defaults.update(kwargs)
-    return L.Trainer(**defaults)
+    return trainer_for(model, **{**defaults, **kwargs})
 
 
 def edit(
@@ -117,9 +111,9 @@ def edit(
         writer = make_writer(method, stats, **options)
     module = AnyEditModule(model, tokenizer, requests, config, architecture)
     trainer = default_trainer(model, [writer], **(trainer_kwargs or {}))
-    device = next(model.parameters()).device
-    call_trainer(trainer.fit, module)  # an interrupt arrives as KeyboardInterrupt, weights restored
-    model.to(device)  # Lightning's teardown moves the module to the CPU after a GPU fit
+    call_keeping_device(
+        model, trainer.fit, module
+    )  # an interrupt arrives as KeyboardInterrupt, weights restored
     if module.edit_record is None:
         raise RuntimeError("The edit did not complete (the Trainer stopped before the write).")
     return module

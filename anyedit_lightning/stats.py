@@ -28,7 +28,7 @@ from .corpus import WIKIPEDIA_SAMPLE
 from .fingerprint import weights_fingerprint
 from .hooks import record_inputs, run_until
 from .integrity import tensor_checksum
-from .interrupts import call_trainer
+from .lightning_utils import call_keeping_device, trainer_for
 from .paths import cache_dir
 from .registry import ArchitectureSpec, ModelHandle, resolve_architecture
 from .text_data import TextCorpusDataModule, token_batches  # noqa: F401  (token_batches: public here too)
@@ -195,11 +195,9 @@ def compute_covariance(
                 module.test_step((ids.to(device), mask.to(device)), index)
             is_zero = True
         else:
-            trainer = trainer or _default_trainer(model)
+            trainer = trainer or trainer_for(model, logger=False, use_distributed_sampler=False)
             _check_distributed(trainer, len(data.batches))
-            device = next(model.parameters()).device
-            call_trainer(trainer.test, module, datamodule=data, verbose=False)
-            model.to(device)  # Lightning's teardown moves the module to the CPU after a GPU run
+            call_keeping_device(model, trainer.test, module, datamodule=data, verbose=False)
             is_zero = trainer.is_global_zero
         model.train(was_training)
         count = int(module.count.item())
@@ -236,18 +234,3 @@ def _check_distributed(trainer: L.Trainer, n_batches: int) -> None:
             f"The corpus gave {n_batches} batches for {trainer.world_size} processes; every process needs at "
             "least one. Ask for more tokens (max_tokens), use a smaller tokens_per_batch, or fewer devices."
         )
-
-
-def _default_trainer(model: torch.nn.Module) -> L.Trainer:
-    device = next(model.parameters()).device
-    accelerator = "cpu" if device.type == "cpu" else device.type
-    devices = [device.index] if device.index is not None else 1
-    return L.Trainer(
-        accelerator=accelerator,
-        devices=devices,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=True,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-    )

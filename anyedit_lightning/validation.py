@@ -11,7 +11,7 @@ from .registry import ModelHandle
 from .requests import EditRequest
 
 if TYPE_CHECKING:
-    from .optimize import RequestPlan
+    from .planning import RequestPlan
 
 
 __all__ = ["EditConfigError", "WriterConfigError", "validate_config", "validate_edit"]

@@ -17,7 +17,7 @@ from unittest import mock
 import torch
 from _common import dev_requests
 
-from anyedit_lightning import AnyEditModule, get_preset, load_model
+from anyedit_lightning import AnyEditModule, default_trainer, get_preset, load_model
 from anyedit_lightning.optimize import DeltaOptimizer
 
 
@@ -40,11 +40,9 @@ def main() -> None:
             "memit", True, window=args.window, v_steps=args.steps, early_stop=0.0, fast=fast
         )
         module = AnyEditModule(model, tokenizer, [request], config)
-        module.on_fit_start()
         rebuild = mock.patch.object(DeltaOptimizer, "_grow_prefix", lambda *a: None)
         with nullcontext() if grow else rebuild:
-            for j in range(module.num_chunk_steps):
-                module._optimizer.optimise(module.plans, j)
+            default_trainer(model, [], logger=False, enable_progress_bar=False).fit(module)  # no writer
         return module.plans[0].deltas
 
     grown, rebuilt, reference = deltas(True), deltas(True, grow=False), deltas(False)

@@ -7,7 +7,7 @@ from tiny import EOS_ID, build_tokenizer
 
 from anyedit_lightning.chunking import Chunk, FixedWindow, Semantic, key_positions
 from anyedit_lightning.config import EditConfig
-from anyedit_lightning.optimize import make_chunker, plan_requests
+from anyedit_lightning.planning import make_chunker, plan_requests
 from anyedit_lightning.requests import (
     EditRequest,
     RequestError,

@@ -8,10 +8,12 @@ put in the assertion messages (and printed; ``pytest -s`` shows them).
 from __future__ import annotations
 
 import signal
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
+from lightning.fabric.utilities.rank_zero import LightningDeprecationWarning
 from tiny import build_tokenizer, tiny_model
 
 import anyedit_lightning.writers.base as writers_base
@@ -19,9 +21,11 @@ import anyedit_lightning.writers.memit as writers_memit
 from anyedit_lightning.api import default_trainer, edit
 from anyedit_lightning.checks import WriterConfigError
 from anyedit_lightning.config import EditConfig
-from anyedit_lightning.hooks import add_at_positions, record_outputs
+from anyedit_lightning.forward import ResidualForward
+from anyedit_lightning.hooks import add_at_positions, hidden_of, record_outputs
 from anyedit_lightning.module import AnyEditModule
-from anyedit_lightning.optimize import DeltaOptimizer, NonFiniteError, plan_requests
+from anyedit_lightning.optimize import DeltaOptimizer, NonFiniteError
+from anyedit_lightning.planning import plan_requests
 from anyedit_lightning.registry import ArchitectureSpec, UnsupportedArchitectureError, resolve_architecture
 from anyedit_lightning.requests import EditRequest, RequestError, tokenize_request
 from anyedit_lightning.stats import compute_covariance
@@ -175,13 +179,13 @@ def test_frozen_deltas_seen_by_chunk_j(tok, monkeypatch):
     """Spy on the forward: while chunk j optimises (reference path), j earlier δs are added besides δ_j."""
     model = tiny_model("llama")
     seen: list[tuple[int, int]] = []
-    original = DeltaOptimizer._forward
+    original = ResidualForward.__call__
 
     def spy(self, ids, mask, rows, positions, deltas, *args, **kwargs):
         seen.append((len(rows), ids.shape[1]))
         return original(self, ids, mask, rows, positions, deltas, *args, **kwargs)
 
-    monkeypatch.setattr(DeltaOptimizer, "_forward", spy)
+    monkeypatch.setattr(ResidualForward, "__call__", spy)
     module = run(model, tok, REQUESTS[:1], fast=False, v_steps=2, early_stop=0.0)
     plan = module.plans[0]
     # per chunk: v_steps forwards plus one for nll_after, each with j frozen δs + the chunk's own δ
@@ -521,14 +525,14 @@ def test_failed_alphaedit_and_unke_writes_are_rolled_back(tok, stats, monkeypatc
 def test_failure_during_chunk_optimisation_leaves_weights_bit_identical(tok, stats, monkeypatch):
     model = tiny_model("llama")
     before = snapshot(model)
-    original = DeltaOptimizer.optimise
+    original = DeltaOptimizer.start
 
-    def optimise(self, plans, j):
+    def start(self, plans, j, delta):
         if j == 1:
             raise RuntimeError("injected failure while optimising chunk 1")
-        return original(self, plans, j)
+        return original(self, plans, j, delta)
 
-    monkeypatch.setattr(DeltaOptimizer, "optimise", optimise)
+    monkeypatch.setattr(DeltaOptimizer, "start", start)
     with pytest.raises(RuntimeError, match="chunk 1"):
         run(model, tok, REQUESTS, MemitWrite(stats=stats("llama"), mom2_weight=LAMBDA), v_steps=2)
     assert changed(model, before) == []
@@ -657,6 +661,49 @@ def test_precision_from_the_trainer_keeps_float32_internals(precision, tok, stat
     names = {module.handle.spec.down_proj_name(layer) + ".weight" for layer in LAYERS}
     assert set(changed(model, {k: v.to(expected) for k, v in before.items()})) == names  # bf16-true casts all
     assert all(m["nll_after"] < m["nll_before"] for m in module.chunk_metrics)
+
+
+def test_bf16_true_runs_the_forwards_in_bf16_and_keeps_delta_in_float32(tok, stats):
+    """``Trainer(precision="bf16-true").fit(AnyEditModule(...))``: the model computes in bf16 (Lightning casts
+    its weights in place), δ stays float32, and the write lands in the (bf16) weights."""
+    model = tiny_model("llama")
+    before = snapshot(model)
+    seen: set[torch.dtype] = set()
+    layer = resolve_architecture(model).layer(LAYERS[-1])
+    hook = layer.register_forward_hook(lambda _m, _i, out: seen.add(hidden_of(out).dtype))
+    module = AnyEditModule(model, tok, REQUESTS[:1], EditConfig(**BASE))
+    writer = MemitWrite(stats=stats("llama"), mom2_weight=LAMBDA)
+    try:
+        default_trainer(model, [writer], precision="bf16-true", **TRAINER).fit(module)
+    finally:
+        hook.remove()
+    assert seen == {torch.bfloat16}
+    assert module.delta.dtype == torch.float32
+    assert all(d.dtype == torch.float32 for d in module.plans[0].deltas)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    names = {module.handle.spec.down_proj_name(layer) + ".weight" for layer in LAYERS}
+    assert set(changed(model, {k: v.to(torch.bfloat16) for k, v in before.items()})) == names
+    assert module.edit_record is not None and set(module.edit_record.before) == names
+
+
+def test_an_edit_fit_emits_no_lightning_warnings(tok, stats, tmp_path):
+    """No "configure_optimizers returned None", no "module(s) in eval mode", no other warning of Lightning's
+    own categories (pyproject ignores UserWarning, so warnings are recorded here with every filter reset).
+    torch's FutureWarnings raised from inside Lightning (its pytree use) are not about the edit."""
+    model = tiny_model("llama")
+    module = AnyEditModule(model, tok, REQUESTS[:1], EditConfig(**BASE))
+    writer = MemitWrite(stats=stats("llama"), mom2_weight=LAMBDA)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        default_trainer(model, [writer], log_dir=str(tmp_path), enable_progress_bar=False).fit(module)
+    categories = (UserWarning, LightningDeprecationWarning)  # PossibleUserWarning is a UserWarning
+    from_lightning = [
+        str(w.message) for w in caught if issubclass(w.category, categories) and "lightning" in w.filename
+    ]
+    assert from_lightning == []
+    assert not model.training and module.edit_record is not None
+    logged = (next(tmp_path.rglob("metrics.csv"))).read_text()
+    assert "chunk/nll_after" in logged and f"write/layer_{LAYERS[0]}/" in logged
 
 
 # ---- validation before any weight is touched ------------------------------------------------------

@@ -17,7 +17,8 @@ import torch
 
 from ..batching import pad_right
 from ..hooks import record_inputs, record_outputs
-from ..optimize import NonFiniteError, RequestPlan
+from ..optimize import NonFiniteError
+from ..planning import RequestPlan
 from ..registry import ModelHandle
 
 if TYPE_CHECKING:
