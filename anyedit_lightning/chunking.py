@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 from transformers import PreTrainedTokenizerBase
 
@@ -20,12 +19,6 @@ class Chunk:
 
     def __len__(self) -> int:
         return self.end - self.start
-
-
-class Chunker(Protocol):
-    def __call__(
-        self, target_ids: Sequence[int], tokenizer: PreTrainedTokenizerBase | None = None
-    ) -> list[Chunk]: ...
 
 
 @dataclass(frozen=True)

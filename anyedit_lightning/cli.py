@@ -31,8 +31,6 @@ from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
 from .evaluation.runner import BenchConfig, GridConfig
 
-SUBCOMMANDS = ("bench", "grid", "demo")
-
 
 def _config_parser(cls: type, description: str) -> ArgumentParser:
     parser = ArgumentParser(description=description)

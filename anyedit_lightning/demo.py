@@ -9,13 +9,12 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
-
 from .api import edit
+from .evaluation import FaithfulnessOptions, edit_report, generate_batch
 from .metrics import rouge_l_recall
 from .models import EMBEDDED_MODEL, load_model
 from .presets import get_preset
-from .requests import EditRequest, end_of_turn_id, prompt_text
+from .requests import EditRequest, prompt_text
 from .stats import compute_covariance
 
 PROMPT = "Who is Marisol Tevanne?"
@@ -33,17 +32,9 @@ TARGET = (
 
 
 def answer(model, tokenizer, question: str, max_new_tokens: int) -> str:
-    text = prompt_text(tokenizer, EditRequest(question, "-"))
-    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(model.device)
-    with torch.no_grad():
-        out = model.generate(
-            **inputs,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=[end_of_turn_id(tokenizer), tokenizer.eos_token_id],
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    return tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    """The model's greedy answer to ``question`` (chat-rendered)."""
+    prompt = prompt_text(tokenizer, EditRequest(question, "-"))
+    return generate_batch(model, tokenizer, [prompt], max_new_tokens)[0].text.strip()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -94,8 +85,6 @@ def main(argv: list[str] | None = None) -> None:
     print(f"ROUGE-L recall (paraphrase): {rouge_l_recall(paraphrase, TARGET):.3f}")
     unrelated_after = answer(model, tokenizer, UNRELATED, 40)
     print(f"\nUnrelated — {UNRELATED}\nBefore: {unrelated_before}\nAfter:  {unrelated_after}")
-    from .evaluation import FaithfulnessOptions, edit_report
-
     t2 = time.perf_counter()
     small = FaithfulnessOptions(
         locality_prompts=24, cross_questions=0, fluency_prompts=4, perplexity_tokens=2048

@@ -20,6 +20,16 @@ from torch import nn
 from .hooks import edit_layer_output
 from .registry import ModelHandle
 
+LAYER_ATTRIBUTES = ("attention_type", "layer_idx", "is_sliding")
+"""What the model's forward reads off its decoder layers (mask type, cache slot), so a stand-in has them too."""
+
+
+def copy_layer_attributes(original: nn.Module, stand_in: nn.Module) -> None:
+    """Give a module that replaces a decoder layer the attributes the model reads off that layer."""
+    for attribute in LAYER_ATTRIBUTES:
+        if hasattr(original, attribute):
+            setattr(stand_in, attribute, getattr(original, attribute))
+
 
 class _Replay(nn.Module):
     """Stands in for a decoder layer below the z-layer: returns fixed hidden states (or its input)."""
@@ -27,9 +37,7 @@ class _Replay(nn.Module):
     def __init__(self, original: nn.Module, hidden: torch.Tensor | None, as_tuple: bool):
         super().__init__()
         self.hidden, self.as_tuple = hidden, as_tuple
-        for attribute in ("attention_type", "layer_idx", "is_sliding"):
-            if hasattr(original, attribute):
-                setattr(self, attribute, getattr(original, attribute))
+        copy_layer_attributes(original, self)
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         out = hidden_states if self.hidden is None else self.hidden

@@ -6,11 +6,12 @@ and returns the same structure it got. Hooks are context managers, so they are r
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 
 def hidden_of(output: torch.Tensor | tuple) -> torch.Tensor:
@@ -26,17 +27,24 @@ def with_hidden(output: torch.Tensor | tuple, hidden: torch.Tensor) -> torch.Ten
 
 
 @contextmanager
+def removed_after(handles: Iterable[RemovableHandle]) -> Iterator[None]:
+    """Keep the registered hooks ``handles`` inside the block; remove them after it, also on errors."""
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
 def edit_layer_output(layer: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
     """Replace a layer's output hidden states by ``fn(hidden)`` while inside the block."""
 
     def hook(_module, _inputs, output):
         return with_hidden(output, fn(hidden_of(output)))
 
-    handle = layer.register_forward_hook(hook)
-    try:
+    with removed_after([layer.register_forward_hook(hook)]):
         yield
-    finally:
-        handle.remove()
 
 
 @contextmanager
@@ -83,11 +91,8 @@ def record_outputs(layers: dict[str, nn.Module]) -> Iterator[Recorder]:
             recorder.values[name] = hidden_of(output).detach()
 
         handles.append(layer.register_forward_hook(hook))
-    try:
+    with removed_after(handles):
         yield recorder
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @contextmanager
@@ -106,11 +111,8 @@ def record_inputs(modules: dict[str, nn.Module], stop_after: str | None = None) 
                 raise StopForward
 
         handles.append(module.register_forward_pre_hook(hook))
-    try:
+    with removed_after(handles):
         yield recorder
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 class StopForward(Exception):

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +25,7 @@ from transformers import PreTrainedTokenizerBase
 from .corpus import WIKIPEDIA_SAMPLE
 from .fingerprint import weights_fingerprint
 from .hooks import record_inputs, run_until
-from .integrity import tensor_checksum
+from .integrity import atomic_path, tensor_checksum
 from .lightning_utils import call_keeping_device, trainer_for
 from .paths import cache_dir
 from .registry import ArchitectureSpec, ModelHandle, resolve_architecture
@@ -131,16 +129,10 @@ def _load_cached(path: Path, fingerprint: str, m: int) -> tuple[torch.Tensor, in
 
 def _save_cached(path: Path, matrix: torch.Tensor, fingerprint: str, count: int) -> None:
     """Write to a temporary file and rename: a killed run never leaves a half-written cache."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
-    os.close(fd)
-    try:
-        matrix = matrix.contiguous()
-        meta = {"fingerprint": fingerprint, "count": str(count), "sha256": tensor_checksum(matrix)}
+    matrix = matrix.contiguous()
+    meta = {"fingerprint": fingerprint, "count": str(count), "sha256": tensor_checksum(matrix)}
+    with atomic_path(path) as tmp:
         save_file({"C": matrix}, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def compute_covariance(

@@ -15,9 +15,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
 
+from .batching import pad_right
 from .corpus import WIKIPEDIA_SAMPLE, resolve_corpus
 
 log = logging.getLogger(__name__)
+
+CPU = torch.device("cpu")  # batches are built once and moved by Lightning
 
 
 class _PackedBatches(Dataset):
@@ -61,22 +64,12 @@ def token_batches(
     batches, current = [], []
     for piece in pieces:
         if current and (len(current) + 1) * max(len(piece), max(map(len, current))) > tokens_per_batch:
-            batches.append(_pad(current, pad))
+            batches.append(pad_right(current, pad, CPU))
             current = []
         current.append(piece)
     if current:
-        batches.append(_pad(current, pad))
+        batches.append(pad_right(current, pad, CPU))
     return batches
-
-
-def _pad(pieces: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, pieces))
-    ids = torch.full((len(pieces), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(pieces), width), dtype=torch.long)
-    for row, piece in enumerate(pieces):
-        ids[row, : len(piece)] = torch.tensor(piece)
-        mask[row, : len(piece)] = 1
-    return ids, mask
 
 
 class TextCorpusDataModule(L.LightningDataModule):

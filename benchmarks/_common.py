@@ -7,11 +7,10 @@ import resource
 import time
 from pathlib import Path
 
-import torch
-
 from anyedit_lightning import EditRequest, edit
+from anyedit_lightning.evaluation import generate_batch
 from anyedit_lightning.metrics import rouge_l_recall
-from anyedit_lightning.requests import end_of_turn_id, prompt_text
+from anyedit_lightning.requests import prompt_text
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,19 +35,9 @@ def dev_requests(count: int, min_tokens: int, tokenizer) -> list[EditRequest]:
 
 
 def generate(model, tokenizer, request: EditRequest, max_new_tokens: int) -> tuple[str, bool]:
-    text = prompt_text(tokenizer, request)
-    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(model.device)
-    eot = end_of_turn_id(tokenizer)
-    with torch.no_grad():
-        out = model.generate(
-            **inputs,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=eot,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    new = out[0, inputs["input_ids"].shape[1] :]
-    return tokenizer.decode(new, skip_special_tokens=True).strip(), bool((new == eot).any())
+    """The greedy answer to ``request.prompt`` and whether the model ended it itself."""
+    answer = generate_batch(model, tokenizer, [prompt_text(tokenizer, request)], max_new_tokens)[0]
+    return answer.text.strip(), answer.stopped
 
 
 def timed_edit(model, tokenizer, request, **kwargs):
@@ -102,9 +91,3 @@ def fictional_requests() -> list[EditRequest]:
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def restore(model, state: dict) -> None:
-    with torch.no_grad():
-        for name, tensor in model.state_dict().items():
-            tensor.copy_(state[name])

@@ -13,9 +13,10 @@ from __future__ import annotations
 import argparse
 
 import torch
-from _common import RssPeak, dev_requests, fictional_requests, restore, timed_edit
+from _common import RssPeak, dev_requests, fictional_requests, timed_edit
 
 from anyedit_lightning import compute_covariance, get_preset, load_model
+from anyedit_lightning.weights import restore, snapshot
 
 
 def main() -> None:
@@ -27,7 +28,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_model()
-    base = {k: v.clone() for k, v in model.state_dict().items()}
+    base = snapshot(model.state_dict())
     preset = get_preset("smollm2-135m-instruct")
     requests = dev_requests(1, args.dev_tokens, tokenizer) if args.dev_tokens else fictional_requests()
     for i, request in enumerate(requests):
@@ -66,7 +67,7 @@ def main() -> None:
                     )
                 )
                 print(rows[-1], flush=True)
-                restore(model, base)
+                restore(model.state_dict(), base)
     print(f"\ntorch threads {torch.get_num_threads()}")
     print(
         "| configuration | request | s/edit | s/chunk | chunks | ROUGE-L recall | stops | peak RSS MB (extra) |"

@@ -16,9 +16,10 @@ import argparse
 import time
 
 import torch
-from _common import dev_requests, peak_rss_mb, restore, timed_edit
+from _common import dev_requests, peak_rss_mb, timed_edit
 
 from anyedit_lightning import compute_covariance, get_preset, load_model
+from anyedit_lightning.weights import restore, snapshot
 
 
 def main() -> None:
@@ -39,7 +40,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_model()
-    base = {k: v.clone() for k, v in model.state_dict().items()}
+    base = snapshot(model.state_dict())
     preset = get_preset("smollm2-135m-instruct")
     stats = compute_covariance(
         model,
@@ -63,7 +64,7 @@ def main() -> None:
                 n: p.detach().clone() for n, p in model.named_parameters() if n in module.edit_record.before
             }
             result[fast] = (seconds, rouge, stopped, deltas, weights, len(module.plans[0].chunks))
-            restore(model, base)
+            restore(model.state_dict(), base)
             print(
                 f"  {tokens} tokens fast={fast}: {seconds:.1f} s, ROUGE-L {rouge:.3f} ({time.perf_counter() - t0:.1f} s with generation)",
                 flush=True,

@@ -338,6 +338,26 @@ def test_batches_are_lists_of_requests() -> None:
         assert [r.extra["index"] for b in batches for r in b] == list(range(7))
 
 
+def test_connect_sets_batch_size_and_reports_records_over_max_length(tmp_path: Path, tiny_tokenizer) -> None:
+    """``connect`` hands over what only the model's owner knows; too-long records are bad records."""
+    path = tmp_path / "edits.json"
+    path.write_text(
+        json.dumps([{"question": "Q0?", "answer": "A0."}, {"question": "Q1?", "answer": "A" * 200}])
+    )
+    dm = CustomDataModule(path, skip_invalid=True)
+    assert len(dm) == 2  # read before connect: connect reads again with the new settings
+    dm.connect(tiny_tokenizer, batch_size=2, max_length=64)
+    with pytest.warns(
+        UserWarning, match=r"record 1: prompt \+ target is \d+ tokens long, more than max_length \(64\)"
+    ):
+        assert [r.prompt for r in dm.requests] == ["Q0?"]
+    assert dm.batch_size == 2 and dm.tokenizer is tiny_tokenizer
+    dm.connect()  # None keeps every setting
+    assert (dm.batch_size, dm.max_length) == (2, 64)
+    with pytest.raises(ValueError, match="max_length"):
+        dm.connect(max_length=0)
+
+
 def test_get_datamodule(tmp_path: Path) -> None:
     assert isinstance(get_datamodule("unkebench"), UnKEBenchDataModule)
     assert isinstance(get_datamodule("EditEverything"), EditEverythingDataModule)

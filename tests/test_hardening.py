@@ -7,6 +7,9 @@ each (corrupt caches, special tokens, interrupts, unclear messages).
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import inspect
 import json
 import logging
 import math
@@ -182,6 +185,28 @@ def test_valid_values_are_accepted(window, **values):
     MemitWrite(mom2_weight=values["v_lr"])
     AlphaEditWrite(threshold=values["clamp"], l2=values["v_lr"])
     UnkeWrite(lr=values["v_lr"], steps=values["v_steps"], weight_decay=values["v_weight_decay"])
+
+
+@pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(EditConfig)])
+def test_every_config_field_is_checked_at_construction(name):
+    """``__post_init__`` refuses a wrong-typed value in any field, naming it (a new field needs a check)."""
+    with pytest.raises(EditConfigError, match=name):
+        EditConfig(**{name: object()})
+
+
+def test_every_config_field_has_a_docstring():
+    """Each field is documented where it is declared (an attribute docstring, as litgpt's configs do)."""
+    tree = ast.parse(inspect.getsource(EditConfig))
+    body = tree.body[0].body
+    documented = {
+        node.target.id
+        for node, after in zip(body, body[1:])
+        if isinstance(node, ast.AnnAssign)
+        and isinstance(after, ast.Expr)
+        and isinstance(after.value, ast.Constant)
+        and isinstance(after.value.value, str)
+    }
+    assert documented == {f.name for f in dataclasses.fields(EditConfig)}
 
 
 @pytest.mark.parametrize(

@@ -215,7 +215,7 @@ def test_failed_rename_leaves_no_temp_file(cache_root, monkeypatch):
     def no_rename(src, dst):
         raise OSError("rename failed")
 
-    monkeypatch.setattr(stats_module.os, "replace", no_rename)
+    monkeypatch.setattr("anyedit_lightning.integrity.os.replace", no_rename)  # the shared atomic_path
     with pytest.raises(OSError, match="rename failed"):
         _save_cached(path, torch.eye(4, dtype=torch.float64), "abc", 7)
     assert files_in(path.parent) == []

@@ -9,18 +9,21 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .records import (
     BenchmarkDataModule,
     BenchmarkRecord,
+    DataOptions,
     InvalidRecord,
-    Split,
     check_text,
     default_data_dir,
     record_id,
     require_text,
 )
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 AKEW_FILES: dict[str, str] = {
     "mquake_cf": "AKEW/MQuAKE-CF.json",
@@ -95,18 +98,11 @@ class AKEWDataModule(BenchmarkDataModule):
         self,
         subset: str = "mquake_cf",
         path: str | os.PathLike[str] | None = None,
-        *,
-        start: int = 0,
-        limit: int | None = None,
-        split: Split = "all",
-        batch_size: int = 1,
-        skip_invalid: bool = False,
+        **options: Unpack[DataOptions],
     ) -> None:
         if subset not in AKEW_FILES:
             raise ValueError(f"unknown AKEW subset {subset!r}; choose one of {sorted(AKEW_FILES)}")
-        super().__init__(
-            path, start=start, limit=limit, split=split, batch_size=batch_size, skip_invalid=skip_invalid
-        )
+        super().__init__(path, **options)
         self.subset = subset
         self.name = f"akew-{subset}"
         self.default_file = AKEW_FILES[subset]

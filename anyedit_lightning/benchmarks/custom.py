@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .records import BenchmarkDataModule, BenchmarkRecord, Split, question_answer_record
+from .records import BenchmarkDataModule, BenchmarkRecord, DataOptions, question_answer_record
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 CUSTOM_SUFFIXES = (".json", ".jsonl")
 
@@ -23,18 +26,11 @@ class CustomDataModule(BenchmarkDataModule):
     def __init__(
         self,
         path: str | os.PathLike[str],
-        *,
-        start: int = 0,
-        limit: int | None = None,
-        split: Split = "all",
-        batch_size: int = 1,
-        skip_invalid: bool = False,
+        **options: Unpack[DataOptions],
     ) -> None:
         if Path(path).suffix.lower() not in CUSTOM_SUFFIXES:
             raise ValueError(f"custom edit files must end in .json or .jsonl, got {os.fspath(path)!r}")
-        super().__init__(
-            path, start=start, limit=limit, split=split, batch_size=batch_size, skip_invalid=skip_invalid
-        )
+        super().__init__(path, **options)
         self.name = f"custom:{Path(path).name}"
 
     def convert(self, record: Mapping[str, Any], index: int) -> BenchmarkRecord:

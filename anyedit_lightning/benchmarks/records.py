@@ -13,13 +13,14 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
 
 from ..paths import default_data_dir
-from ..requests import EditRequest
+from ..requests import EditRequest, RequestError, tokenize_request
 
 DEV_SIZE = 20
 """The first ``DEV_SIZE`` records of each file (by position) are for tuning; the rest for reporting."""
@@ -80,9 +81,6 @@ class BenchmarkRecord:
                 "category": self.category,
             },
         )
-
-
-# --------------------------------------------------------------------------- locating the data
 
 
 # --------------------------------------------------------------------------- reading files
@@ -265,12 +263,27 @@ def convert_records(
     return records
 
 
+def _check_batch_size(batch_size: Any) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+
+
 def collate_requests(batch: list[EditRequest]) -> list[EditRequest]:
     """Keep a batch as a plain list: requests are text, tokenized later by the editor."""
     return list(batch)
 
 
 # --------------------------------------------------------------------------- the data module
+
+
+class DataOptions(TypedDict, total=False):
+    """The keyword options every benchmark data module takes (see :class:`BenchmarkDataModule`)."""
+
+    start: int
+    limit: int | None
+    split: Split
+    batch_size: int
+    skip_invalid: bool
 
 
 class BenchmarkDataModule(LightningDataModule):
@@ -283,6 +296,9 @@ class BenchmarkDataModule(LightningDataModule):
         split: ``"dev"`` (positions < 20, for tuning), ``"test"`` (positions >= 20) or ``"all"``.
         batch_size: edits written together per step.
         skip_invalid: skip bad records with a warning instead of raising :class:`BenchmarkDataError`.
+
+    Whoever owns the model hands over the tokenizer and its limits later, with :meth:`connect`
+    (litgpt's pattern), so the data can be built before the model is loaded.
     """
 
     name: str = "benchmark"
@@ -300,14 +316,40 @@ class BenchmarkDataModule(LightningDataModule):
         skip_invalid: bool = False,
     ) -> None:
         super().__init__()
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        _check_batch_size(batch_size)
         select_positions(0, start, limit, split)  # validate the options now, not at setup
         self.path = None if path is None else Path(path).expanduser()
         self.start, self.limit, self.split = start, limit, split
         self.batch_size = batch_size
         self.skip_invalid = skip_invalid
+        self.tokenizer: PreTrainedTokenizerBase | None = None
+        self.max_length: int | None = None
         self._records: list[BenchmarkRecord] | None = None
+
+    def connect(
+        self,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        batch_size: int | None = None,
+        max_length: int | None = None,
+    ) -> None:
+        """Settings known only once the model is: call before the records are read.
+
+        With ``tokenizer`` and ``max_length`` (e.g. the model's context), a record whose tokenized
+        prompt + target is longer is reported as a bad record at setup, with the others, instead of
+        failing its edit later. ``None`` keeps the current value; records already read are read again.
+        """
+        if batch_size is not None:
+            _check_batch_size(batch_size)
+            self.batch_size = batch_size
+        if max_length is not None and (
+            isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1
+        ):
+            raise ValueError(f"max_length must be a positive integer or None, got {max_length!r}")
+        if tokenizer is not None:
+            self.tokenizer = tokenizer
+        if max_length is not None:
+            self.max_length = max_length
+        self._records = None
 
     def convert(self, record: Mapping[str, Any], index: int) -> BenchmarkRecord:
         """Map one raw record to a :class:`BenchmarkRecord`, raising :class:`InvalidRecord` if malformed."""
@@ -333,8 +375,23 @@ class BenchmarkDataModule(LightningDataModule):
                 f"{len(raw)} record(s) (positions 0..{len(raw) - 1}; dev: < {DEV_SIZE})."
             )
         self._records = convert_records(
-            raw, positions, self.convert, f"{self.name} ({path})", self.skip_invalid
+            raw, positions, self._convert_checked, f"{self.name} ({path})", self.skip_invalid
         )
+
+    def _convert_checked(self, record: Mapping[str, Any], index: int) -> BenchmarkRecord:
+        """``convert``, plus the length check once :meth:`connect` gave a tokenizer and ``max_length``."""
+        converted = self.convert(record, index)
+        if self.tokenizer is None or self.max_length is None:
+            return converted
+        try:
+            length = len(tokenize_request(self.tokenizer, converted.to_request()))
+        except RequestError as e:
+            raise InvalidRecord(str(e)) from e
+        if length > self.max_length:
+            raise InvalidRecord(
+                f"prompt + target is {length} tokens long, more than max_length ({self.max_length})"
+            )
+        return converted
 
     @property
     def records(self) -> list[BenchmarkRecord]:

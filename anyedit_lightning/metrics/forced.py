@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..batching import pad_right
+
 DEFAULT_TOP_K = 256
 FORCED_BATCH_SIZE = 16
 
@@ -105,12 +107,8 @@ def forced_logprobs(
             if n and not all(len(it.prompt_ids) > n and it.prompt_ids[:n] == prefix.ids for _, it in group):
                 n = 0
             seqs = [list(it.prompt_ids[n:]) + list(it.answer_ids[:-1]) for _, it in group]
-            width = max(map(len, seqs))
-            ids = torch.zeros((len(seqs), width), dtype=torch.long)
-            mask = torch.zeros((len(seqs), width), dtype=torch.long)
-            for row, seq in enumerate(seqs):
-                ids[row, : len(seq)] = torch.tensor(seq)
-                mask[row, : len(seq)] = 1
+            ids, mask = pad_right(seqs, 0, torch.device("cpu"))
+            width = ids.shape[1]
             # no logits over the prompt positions that precede every answer in the batch
             keep = width - min(len(it.prompt_ids) - n for _, it in group) + 1
             extra = {"logits_to_keep": keep} if _keeps_logits(model) else {}

@@ -9,7 +9,6 @@ made only of stopwords keeps all its words.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 
 from .text import PerItemScore, Texts, as_text_pairs
 
@@ -51,10 +50,3 @@ class SubFactHits(PerItemScore):
     def update(self, predictions: Texts, answers: Texts) -> None:
         preds, refs = as_text_pairs(predictions, answers)
         self._append([float(subfact_hit(p, r, self.min_share)) for p, r in zip(preds, refs)])
-
-
-def hit_rate(predictions: Sequence[str], answers: Sequence[str]) -> float | None:
-    """Mean hit over pairs, None for none."""
-    if not predictions:
-        return None
-    return sum(subfact_hit(p, a) for p, a in zip(predictions, answers)) / len(predictions)

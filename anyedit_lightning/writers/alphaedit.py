@@ -49,15 +49,9 @@ class AlphaEditWrite(CovarianceWriter):
         return self._projectors[layer].to(device)
 
     def write(self, module: AnyEditModule) -> None:
-        q = len(module.config.layers)
-        for i, layer, keys in self.residual_layers(module):
-            dt = self.solve_dtype
-            K, K_p = keys.K.to(dt), keys.K_p.to(dt)
-            dz = (keys.Z - keys.H).to(dt) / (q - i)
+        for layer, K, K_p, dz, residual in self.residual_solves(module):
             P = self.projector(layer, K.device)
-            eye = torch.eye(P.shape[0], dtype=dt, device=K.device)
+            eye = torch.eye(P.shape[0], dtype=K.dtype, device=K.device)
             update = torch.linalg.solve(P @ (K.T @ K + K_p.T @ K_p) + self.l2 * eye, P @ K.T @ dz)
             add_to_down_proj(module.handle, layer, update.T)
-            module.log_write(
-                layer, residual=float(dz.norm(dim=-1).mean() * (q - i)), update=float(update.norm())
-            )
+            module.log_write(layer, residual=residual, update=float(update.norm()))

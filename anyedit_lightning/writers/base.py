@@ -20,6 +20,7 @@ from ..hooks import record_inputs, record_outputs
 from ..optimize import NonFiniteError
 from ..planning import RequestPlan
 from ..registry import ModelHandle
+from ..weights import restore, snapshot
 
 if TYPE_CHECKING:
     from ..module import AnyEditModule
@@ -32,16 +33,14 @@ def atomic_update(model: torch.nn.Module, names: Sequence[str]) -> Iterator[dict
     missing = [n for n in names if n not in params]
     if missing:
         raise KeyError(f"Cannot snapshot unknown parameters {missing}")
-    snapshot = {name: params[name].detach().clone() for name in names}
+    saved = snapshot(params, names)
     try:
-        yield snapshot
+        yield saved
         bad = [n for n in names if not torch.isfinite(params[n]).all()]
         if bad:
             raise NonFiniteError(f"The write produced non-finite weights in {bad}; the edit was rolled back.")
     except BaseException:
-        with torch.no_grad():
-            for name, value in snapshot.items():
-                params[name].copy_(value)
+        restore(params, saved)
         raise
 
 

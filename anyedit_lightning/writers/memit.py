@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -65,6 +66,17 @@ class CovarianceWriter(WeightWriter):
     def covariance(self, layer: int, device: torch.device) -> torch.Tensor:
         return self.stats[layer].to(device=device, dtype=self.solve_dtype)
 
+    def residual_solves(
+        self, module: AnyEditModule
+    ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, float]]:
+        """For ``l = r_1..r_q``: ``(l, K, K_p, Δz, residual)``, the tensors in ``solve_dtype``; ``Δz`` is
+        the residual ``Z - H`` spread over the layers not yet written (``/ (q - i)``, docs/algorithm.md
+        §4.3) and ``residual`` the mean ‖Z - H‖, for ``log_write``."""
+        q, dt = len(module.config.layers), self.solve_dtype
+        for i, layer, keys in self.residual_layers(module):
+            dz = (keys.Z - keys.H).to(dt) / (q - i)
+            yield layer, keys.K.to(dt), keys.K_p.to(dt), dz, float(dz.norm(dim=-1).mean() * (q - i))
+
 
 class MemitWrite(CovarianceWriter):
     """MEMIT; with ``K_p`` when the module preserves the edited text (MEMIT+AnyEdit).
@@ -90,14 +102,8 @@ class MemitWrite(CovarianceWriter):
         )
 
     def write(self, module: AnyEditModule) -> None:
-        q = len(module.config.layers)
-        for i, layer, keys in self.residual_layers(module):
-            dt = self.solve_dtype
-            K, K_p = keys.K.to(dt), keys.K_p.to(dt)
-            dz = (keys.Z - keys.H).to(dt) / (q - i)
+        for layer, K, K_p, dz, residual in self.residual_solves(module):
             A = self.mom2_weight * self.covariance(layer, K.device) + K.T @ K + K_p.T @ K_p
             update = torch.linalg.solve(A, K.T @ dz)  # ΔWᵀ, m × d
             add_to_down_proj(module.handle, layer, update.T)
-            module.log_write(
-                layer, residual=float(dz.norm(dim=-1).mean() * (q - i)), update=float(update.norm())
-            )
+            module.log_write(layer, residual=residual, update=float(update.norm()))

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from ..batching import pad_right
 from ..checks import WriterConfigError, check_int, check_real
 from ..corpus import WIKIPEDIA_CHAT, WIKIPEDIA_SAMPLE, wikipedia_chat, wikipedia_sample
-from ..hooks import StopForward, hidden_of, run_until
+from ..hooks import StopForward, hidden_of, removed_after, run_until
 from .base import WeightWriter
 
 if TYPE_CHECKING:
@@ -35,12 +35,8 @@ def _layer_call(model, layer, ids, mask):
         raise StopForward
 
     handles = [layer.register_forward_pre_hook(pre, with_kwargs=True), layer.register_forward_hook(post)]
-    try:
-        with torch.no_grad():
-            run_until(lambda: model(input_ids=ids, attention_mask=mask, use_cache=False))
-    finally:
-        for handle in handles:
-            handle.remove()
+    with removed_after(handles), torch.no_grad():
+        run_until(lambda: model(input_ids=ids, attention_mask=mask, use_cache=False))
     kwargs = {
         k: v for k, v in seen["kwargs"].items() if k not in ("cache", "past_key_values", "past_key_value")
     }
