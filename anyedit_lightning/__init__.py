@@ -4,24 +4,35 @@ Implements AnyEdit (arXiv 2502.05628) on PyTorch Lightning, with MEMIT, AlphaEdi
 """
 
 from .api import default_trainer, edit, edit_sequentially, make_writer
-from .checks import EditConfigError, WriterConfigError
-from .chunking import Chunk, FixedWindow, Semantic
-from .config import EditConfig
+from .core import (
+    AnyEditModule,
+    Chunk,
+    EditConfig,
+    EditConfigError,
+    EditRecord,
+    EditRequest,
+    FixedWindow,
+    RequestError,
+    Semantic,
+    WriterConfigError,
+    tokenize_request,
+)
 from .evaluation.edit_report import EditReport, edit_report  # evaluation side; the core never imports it
-from .fingerprint import weights_fingerprint
-from .models import EMBEDDED_MODEL, ModelLoadError, load_model
-from .module import AnyEditModule, EditRecord
-from .patch import EditPatch, PatchFileError, save_edited_model
-from .presets import PRESETS, Preset, get_preset
-from .registry import (
+from .models import (
+    EMBEDDED_MODEL,
+    PRESETS,
     ArchitectureSpec,
+    ModelLoadError,
+    Preset,
     UnsupportedArchitectureError,
+    get_preset,
+    load_model,
     register_architecture,
     resolve_architecture,
+    weights_fingerprint,
 )
-from .requests import EditRequest, RequestError, tokenize_request
-from .stats import CovarianceModule, CovarianceStats, compute_covariance
-from .text_data import TextCorpusDataModule
+from .patches import EditPatch, PatchFileError, save_edited_model
+from .stats import CovarianceModule, CovarianceStats, TextCorpusDataModule, compute_covariance
 from .writers import AlphaEditWrite, MemitWrite, UnkeWrite, WeightWriter
 
 __version__ = "0.1.0"

@@ -16,15 +16,15 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from transformers import PreTrainedTokenizerBase
 
-from .checks import WriterConfigError
-from .fingerprint import weights_fingerprint
-from .lightning_utils import call_keeping_device, trainer_for
-from .module import AnyEditModule
-from .patch import EditPatch
-from .presets import get_preset
-from .registry import ArchitectureSpec
-from .requests import EditRequest
-from .stats import CovarianceStats, compute_covariance
+from .core.checks import WriterConfigError
+from .core.lightning_utils import call_keeping_device, trainer_for
+from .core.module import AnyEditModule
+from .core.requests import EditRequest
+from .models.fingerprint import weights_fingerprint
+from .models.presets import get_preset
+from .models.registry import ArchitectureSpec
+from .patches.patch import EditPatch
+from .stats.covariance import CovarianceStats, compute_covariance
 from .writers import AlphaEditWrite, MemitWrite, UnkeWrite, WeightWriter
 
 Method = Literal["memit", "alphaedit", "unke"]

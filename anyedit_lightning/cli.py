@@ -130,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Every edit builds its own Trainer; its "GPU available ..." banner would repeat once per request.
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     from .evaluation.runner import run_benchmark, run_grid
-    from .models import ModelLoadError
+    from .models.loading import ModelLoadError
 
     command = namespace.command
     try:

@@ -10,12 +10,12 @@ import argparse
 import time
 
 from .api import edit
+from .core.requests import EditRequest, prompt_text
 from .evaluation import FaithfulnessOptions, edit_report, generate_batch
 from .metrics import rouge_l_recall
-from .models import EMBEDDED_MODEL, load_model
-from .presets import get_preset
-from .requests import EditRequest, prompt_text
-from .stats import compute_covariance
+from .models.loading import EMBEDDED_MODEL, load_model
+from .models.presets import get_preset
+from .stats.covariance import compute_covariance
 
 PROMPT = "Who is Marisol Tevanne?"
 PARAPHRASE = "Tell me about Marisol Tevanne."

@@ -8,9 +8,9 @@ import time
 from pathlib import Path
 
 from anyedit_lightning import EditRequest, edit
+from anyedit_lightning.core.requests import prompt_text
 from anyedit_lightning.evaluation import generate_batch
 from anyedit_lightning.metrics import rouge_l_recall
-from anyedit_lightning.requests import prompt_text
 
 ROOT = Path(__file__).resolve().parents[1]
 

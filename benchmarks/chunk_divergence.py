@@ -18,7 +18,7 @@ import torch
 from _common import dev_requests
 
 from anyedit_lightning import AnyEditModule, default_trainer, get_preset, load_model
-from anyedit_lightning.optimize import DeltaOptimizer
+from anyedit_lightning.core.optimize import DeltaOptimizer
 
 
 def main() -> None:

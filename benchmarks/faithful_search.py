@@ -32,10 +32,10 @@ import torch
 
 from anyedit_lightning import edit, load_model
 from anyedit_lightning.benchmarks import get_datamodule
-from anyedit_lightning.corpus import resolve_corpus, wikipedia_chat
+from anyedit_lightning.core.requests import EditRequest, prompt_text
 from anyedit_lightning.evaluation.generation import generate_batch, stop_token_ids
 from anyedit_lightning.metrics import rouge_l_recall
-from anyedit_lightning.requests import EditRequest, prompt_text
+from anyedit_lightning.stats.corpus import resolve_corpus, wikipedia_chat
 
 SEARCH_PROMPTS = [
     "What is the tallest mountain in the world?",

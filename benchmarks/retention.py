@@ -19,9 +19,9 @@ from _common import peak_rss_mb
 
 from anyedit_lightning import edit_sequentially, load_model
 from anyedit_lightning.benchmarks import UnKEBenchDataModule
+from anyedit_lightning.core.requests import prompt_text
 from anyedit_lightning.evaluation import generate_batch
 from anyedit_lightning.metrics import rouge_l_recall
-from anyedit_lightning.requests import prompt_text
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ import torch
 from _common import dev_requests, peak_rss_mb, timed_edit
 
 from anyedit_lightning import compute_covariance, get_preset, load_model
-from anyedit_lightning.weights import restore, snapshot
+from anyedit_lightning.core.weights import restore, snapshot
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ import gzip
 import json
 from pathlib import Path
 
-from anyedit_lightning.corpus import EXTRACTED_SAMPLE, dump_articles, wikipedia_sample_path
+from anyedit_lightning.stats.corpus import EXTRACTED_SAMPLE, dump_articles, wikipedia_sample_path
 
 
 def main() -> None:

@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tiny import CORPUS, build_tokenizer, tiny_model  # noqa: E402
 
-from anyedit_lightning import stats as stats_module  # noqa: E402
-from anyedit_lightning.stats import compute_covariance  # noqa: E402
+from anyedit_lightning.stats import covariance as stats_module  # noqa: E402
+from anyedit_lightning.stats.covariance import compute_covariance  # noqa: E402
 
 LAYERS = [1, 2]
 MAX_TOKENS = 600

@@ -53,7 +53,7 @@ def smollm2():
 
     Shared by every test that asks for it: a test that edits it must restore the weights it changed.
     """
-    from anyedit_lightning.models import load_model
+    from anyedit_lightning.models.loading import load_model
 
     return load_model()
 

@@ -19,7 +19,7 @@ from anyedit_lightning.benchmarks import (
     get_datamodule,
     select_positions,
 )
-from anyedit_lightning.requests import EditRequest
+from anyedit_lightning.core.requests import EditRequest
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 SHIPPED = {  # file: (records, sha256 from data/README.md)

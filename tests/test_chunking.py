@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from tiny import EOS_ID, build_tokenizer
 
-from anyedit_lightning.chunking import Chunk, FixedWindow, Semantic, key_positions
-from anyedit_lightning.config import EditConfig
-from anyedit_lightning.planning import make_chunker, plan_requests
-from anyedit_lightning.requests import (
+from anyedit_lightning.core.chunking import Chunk, FixedWindow, Semantic, key_positions
+from anyedit_lightning.core.config import EditConfig
+from anyedit_lightning.core.planning import make_chunker, plan_requests
+from anyedit_lightning.core.requests import (
     EditRequest,
     RequestError,
     end_of_turn_id,

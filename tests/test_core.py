@@ -19,17 +19,21 @@ from tiny import build_tokenizer, tiny_model
 import anyedit_lightning.writers.base as writers_base
 import anyedit_lightning.writers.memit as writers_memit
 from anyedit_lightning.api import default_trainer, edit
-from anyedit_lightning.checks import WriterConfigError
-from anyedit_lightning.config import EditConfig
-from anyedit_lightning.forward import ResidualForward
-from anyedit_lightning.hooks import add_at_positions, hidden_of, record_outputs
-from anyedit_lightning.module import AnyEditModule
-from anyedit_lightning.optimize import DeltaOptimizer, NonFiniteError
-from anyedit_lightning.planning import plan_requests
-from anyedit_lightning.registry import ArchitectureSpec, UnsupportedArchitectureError, resolve_architecture
-from anyedit_lightning.requests import EditRequest, RequestError, tokenize_request
-from anyedit_lightning.stats import compute_covariance
-from anyedit_lightning.validation import EditConfigError
+from anyedit_lightning.core.checks import WriterConfigError
+from anyedit_lightning.core.config import EditConfig
+from anyedit_lightning.core.forward import ResidualForward
+from anyedit_lightning.core.hooks import add_at_positions, hidden_of, record_outputs
+from anyedit_lightning.core.module import AnyEditModule
+from anyedit_lightning.core.optimize import DeltaOptimizer, NonFiniteError
+from anyedit_lightning.core.planning import plan_requests
+from anyedit_lightning.core.requests import EditRequest, RequestError, tokenize_request
+from anyedit_lightning.core.validation import EditConfigError
+from anyedit_lightning.models.registry import (
+    ArchitectureSpec,
+    UnsupportedArchitectureError,
+    resolve_architecture,
+)
+from anyedit_lightning.stats.covariance import compute_covariance
 from anyedit_lightning.writers import AlphaEditWrite, MemitWrite, UnkeWrite, collect_keys
 
 FAMILIES = ("llama", "gpt2")

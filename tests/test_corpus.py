@@ -12,7 +12,7 @@ import lightning as L
 import pytest
 from tiny import CORPUS, build_tokenizer, tiny_model
 
-from anyedit_lightning.corpus import (
+from anyedit_lightning.stats.corpus import (
     WIKIPEDIA_CHAT,
     WIKIPEDIA_SAMPLE,
     dump_articles,
@@ -22,8 +22,8 @@ from anyedit_lightning.corpus import (
     wikipedia_heldout,
     wikipedia_sample,
 )
-from anyedit_lightning.stats import CovarianceModule, compute_covariance
-from anyedit_lightning.text_data import TextCorpusDataModule
+from anyedit_lightning.stats.covariance import CovarianceModule, compute_covariance
+from anyedit_lightning.stats.text_data import TextCorpusDataModule
 
 TEXTS = [line for line in CORPUS.splitlines() if line.strip()]
 
@@ -41,7 +41,7 @@ def test_the_checkout_ships_the_extracted_sample_with_attribution() -> None:
     importlib.util.find_spec("gensim") is None, reason="the gensim wheel (source dump) is not installed"
 )
 def test_extracted_sample_equals_the_dump_it_was_built_from() -> None:
-    from anyedit_lightning.corpus import HELDOUT_ARTICLES, wikipedia_articles, wikipedia_sample_path
+    from anyedit_lightning.stats.corpus import HELDOUT_ARTICLES, wikipedia_articles, wikipedia_sample_path
 
     extracted = list(wikipedia_articles())
     assert extracted == list(dump_articles(wikipedia_sample_path()))

@@ -17,7 +17,7 @@ import pytest
 import torch
 from tiny import build_tokenizer, poet_records, tiny_model
 
-from anyedit_lightning.stats import compute_covariance
+from anyedit_lightning.stats.covariance import compute_covariance
 
 WORKER = Path(__file__).resolve().parent / "_ddp_worker.py"
 

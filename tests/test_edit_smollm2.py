@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from anyedit_lightning import EditRequest, compute_covariance, edit, get_preset
+from anyedit_lightning.core.requests import prompt_text
 from anyedit_lightning.evaluation import FaithfulnessOptions, edit_report, generate_batch
 from anyedit_lightning.metrics import rouge_l_recall
-from anyedit_lightning.requests import prompt_text
 
 pytestmark = pytest.mark.smollm2
 

@@ -12,6 +12,7 @@ from tiny import EOS_ID, build_tokenizer, poet_records, tiny_model
 import anyedit_lightning.api as api_module
 import anyedit_lightning.evaluation.scoring as scoring_module
 from anyedit_lightning import get_preset
+from anyedit_lightning.core.requests import render_prompt
 from anyedit_lightning.evaluation.generation import Generation, _decode, generate_batch
 from anyedit_lightning.evaluation.report import markdown_table, write_report
 from anyedit_lightning.evaluation.runner import (
@@ -30,8 +31,7 @@ from anyedit_lightning.evaluation.runner import (
     summarize,
 )
 from anyedit_lightning.metrics import score_texts
-from anyedit_lightning.requests import render_prompt
-from anyedit_lightning.stats import compute_covariance
+from anyedit_lightning.stats.covariance import compute_covariance
 
 LAYERS = [1, 2]
 EDIT = {"layers": LAYERS, "v_steps": 3}

@@ -11,12 +11,12 @@ import torch
 from tiny import build_tokenizer, poet_records, tiny_model
 
 import anyedit_lightning.evaluation.reference as reference_module
-from anyedit_lightning.corpus import HELDOUT_ARTICLES, wikipedia_articles, wikipedia_heldout, wikipedia_sample
+from anyedit_lightning.core.module import EditRecord
+from anyedit_lightning.core.requests import EditRequest
 from anyedit_lightning.evaluation.edit_report import EditReport, edit_report
 from anyedit_lightning.evaluation.faithfulness import FaithfulnessOptions
 from anyedit_lightning.evaluation.probes import cross_benchmark_questions, locality_prompts, nearest_prompts
 from anyedit_lightning.evaluation.reference import answers_cache_path, reference_answers, weights_swapped
-from anyedit_lightning.fingerprint import weights_fingerprint
 from anyedit_lightning.metrics import (
     DEGENERATE_THRESHOLD,
     Fluency,
@@ -31,8 +31,13 @@ from anyedit_lightning.metrics import (
     subfact_hit,
     total_nll,
 )
-from anyedit_lightning.module import EditRecord
-from anyedit_lightning.requests import EditRequest
+from anyedit_lightning.models.fingerprint import weights_fingerprint
+from anyedit_lightning.stats.corpus import (
+    HELDOUT_ARTICLES,
+    wikipedia_articles,
+    wikipedia_heldout,
+    wikipedia_sample,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -37,13 +37,13 @@ from anyedit_lightning import (
     load_model,
     make_writer,
 )
-from anyedit_lightning import models as models_module
 from anyedit_lightning.cli import main as cli_main
+from anyedit_lightning.core.requests import prompt_ids, prompt_text, render_prompt, tokenize_request
 from anyedit_lightning.evaluation.runner import BenchConfig, run_benchmark
-from anyedit_lightning.integrity import read_json_verified, write_json_with_checksum
-from anyedit_lightning.paths import CACHE_ENV
-from anyedit_lightning.requests import prompt_ids, prompt_text, render_prompt, tokenize_request
-from anyedit_lightning.stats import compute_covariance
+from anyedit_lightning.models import loading as models_module
+from anyedit_lightning.stats.covariance import compute_covariance
+from anyedit_lightning.storage.integrity import read_json_verified, write_json_with_checksum
+from anyedit_lightning.storage.paths import CACHE_ENV
 from anyedit_lightning.writers import AlphaEditWrite, MemitWrite, UnkeWrite
 
 LAYERS = [1, 2]
@@ -275,12 +275,12 @@ def test_statistics_cache_with_flipped_bits_is_detected_and_rebuilt(tmp_path, mo
     good = compute_covariance(tiny, tok, [1], **args)
     (path,) = tmp_path.rglob("*layer1.safetensors")
     _flip_last_data_bit(path)
-    with caplog.at_level(logging.WARNING, logger="anyedit_lightning.stats"):
+    with caplog.at_level(logging.WARNING, logger="anyedit_lightning.stats.covariance"):
         again = compute_covariance(tiny, tok, [1], **args)
     assert "checksum does not match" in caplog.text
     assert torch.equal(again[1], good[1])  # recomputed, not the corrupted matrix
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="anyedit_lightning.stats"):
+    with caplog.at_level(logging.WARNING, logger="anyedit_lightning.stats.covariance"):
         third = compute_covariance(tiny, tok, [1], **args)  # the rewritten file is valid again
     assert caplog.text == "" and torch.equal(third[1], good[1])
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from tiny import tiny_model
 
-from anyedit_lightning.lightning_utils import call_keeping_device, trainer_for
+from anyedit_lightning.core.lightning_utils import call_keeping_device, trainer_for
 
 
 def test_trainer_for_places_on_the_model_device_and_takes_overrides():

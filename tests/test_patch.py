@@ -16,13 +16,14 @@ from safetensors.torch import save_file
 from tiny import CORPUS, tiny_model
 
 import anyedit_lightning
-from anyedit_lightning import EditConfig, EditRequest, compute_covariance, edit, patch_deltas
+from anyedit_lightning import EditConfig, EditRequest, compute_covariance, edit
 from anyedit_lightning import api as api_module
-from anyedit_lightning import patch as patch_module
-from anyedit_lightning.fingerprint import weights_fingerprint
-from anyedit_lightning.patch import EditPatch, PatchMismatchError, save_edited_model
-from anyedit_lightning.presets import get_preset
-from anyedit_lightning.stats import CovarianceStats, StatsMismatchError
+from anyedit_lightning.models.fingerprint import weights_fingerprint
+from anyedit_lightning.models.presets import get_preset
+from anyedit_lightning.patches import deltas as patch_deltas
+from anyedit_lightning.patches import patch as patch_module
+from anyedit_lightning.patches.patch import EditPatch, PatchMismatchError, save_edited_model
+from anyedit_lightning.stats.covariance import CovarianceStats, StatsMismatchError
 from anyedit_lightning.writers.memit import MemitWrite
 
 LAYERS = [1, 2]

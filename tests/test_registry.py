@@ -11,8 +11,8 @@ from tiny import FAMILIES, tiny_model
 from torch import nn
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from anyedit_lightning import registry
-from anyedit_lightning.registry import (
+from anyedit_lightning.models import registry
+from anyedit_lightning.models.registry import (
     ARCHITECTURES,
     ArchitectureSpec,
     ModelHandle,

@@ -13,17 +13,17 @@ import torch
 from safetensors.torch import load_file, save_file
 from tiny import CORPUS, tiny_model
 
-from anyedit_lightning import stats as stats_module
-from anyedit_lightning.corpus import resolve_corpus
-from anyedit_lightning.fingerprint import weights_fingerprint
-from anyedit_lightning.paths import CACHE_ENV
-from anyedit_lightning.stats import (
+from anyedit_lightning.models.fingerprint import weights_fingerprint
+from anyedit_lightning.stats import covariance as stats_module
+from anyedit_lightning.stats.corpus import resolve_corpus
+from anyedit_lightning.stats.covariance import (
     StatsMismatchError,
     _cache_path,
     _load_cached,
     _save_cached,
     compute_covariance,
 )
+from anyedit_lightning.storage.paths import CACHE_ENV
 
 LAYERS = [1, 2]
 TEXTS = [CORPUS] * 5
@@ -215,7 +215,7 @@ def test_failed_rename_leaves_no_temp_file(cache_root, monkeypatch):
     def no_rename(src, dst):
         raise OSError("rename failed")
 
-    monkeypatch.setattr("anyedit_lightning.integrity.os.replace", no_rename)  # the shared atomic_path
+    monkeypatch.setattr("anyedit_lightning.storage.integrity.os.replace", no_rename)  # the shared atomic_path
     with pytest.raises(OSError, match="rename failed"):
         _save_cached(path, torch.eye(4, dtype=torch.float64), "abc", 7)
     assert files_in(path.parent) == []

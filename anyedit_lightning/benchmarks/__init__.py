@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..paths import DATA_ENV
+from ..storage.paths import DATA_ENV
 from .akew import AKEW_FILES, AKEWDataModule
 from .custom import CUSTOM_SUFFIXES, CustomDataModule
 from .editeverything import EditEverythingDataModule

@@ -19,8 +19,8 @@ from lightning import LightningDataModule
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from ..paths import default_data_dir
-from ..requests import EditRequest, RequestError, tokenize_request
+from ..core.requests import EditRequest, RequestError, tokenize_request
+from ..storage.paths import default_data_dir
 
 DEV_SIZE = 20
 """The first ``DEV_SIZE`` records of each file (by position) are for tuning; the rest for reporting."""

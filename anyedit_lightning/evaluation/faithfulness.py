@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..hooks import hidden_of
+from ..core.hooks import hidden_of
 from ..metrics.fluency import Fluency
 from ..metrics.forced import (
     DEFAULT_TOP_K,
@@ -40,7 +40,7 @@ from ..metrics.forced import (
 )
 from ..metrics.locality import score_locality
 from ..metrics.perplexity import DEFAULT_PERPLEXITY_TOKENS, PerplexityRatio, heldout_batches, total_nll
-from ..registry import UnsupportedArchitectureError, resolve_architecture
+from ..models.registry import UnsupportedArchitectureError, resolve_architecture
 from .generation import generate_batch
 from .probes import (
     CROSS_QUESTIONS,

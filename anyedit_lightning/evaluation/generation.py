@@ -1,6 +1,6 @@
 """Greedy, batched generation for the benchmark (docs/algorithm.md §6): left padding, stop at end of turn.
 
-Prompts are given already rendered (see :func:`anyedit_lightning.requests.prompt_text`), so generation
+Prompts are given already rendered (see :func:`anyedit_lightning.core.requests.prompt_text`), so generation
 sees exactly the text an edit was written for. Batched and one-at-a-time generation give the same texts:
 left padding keeps every prompt's last token at the end of its row, and the attention mask (from which
 ``generate`` derives the position ids) hides the padding.
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
-from ..requests import end_of_turn_id
+from ..core.requests import end_of_turn_id
 
 
 @dataclass(frozen=True)

@@ -24,10 +24,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import api
-from ..fingerprint import weights_fingerprint
-from ..module import AnyEditModule
-from ..requests import EditRequest
-from ..stats import CovarianceStats
+from ..core.module import AnyEditModule
+from ..core.requests import EditRequest
+from ..models.fingerprint import weights_fingerprint
+from ..stats.covariance import CovarianceStats
 from .config import COVARIANCE_METHODS, BenchConfig, resolved, settings_hash
 from .scoring import RecordScorer, build_record, faithful_record, generate_answers
 from .store import PREDICTIONS, PredictionWriter, merge_rank_files, prediction_files, read_records, record_key

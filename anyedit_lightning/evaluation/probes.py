@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..paths import default_data_dir
+from ..storage.paths import default_data_dir
 
 LOCALITY_FILE = "locality_prompts.json"
 POOL_START = 50

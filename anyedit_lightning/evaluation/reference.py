@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from ..fingerprint import weights_fingerprint
-from ..integrity import read_json_verified, write_json_with_checksum
+from ..core.requests import EditRequest, end_of_turn_id, prompt_text
 from ..metrics.forced import ForcedItem
-from ..paths import cache_dir
-from ..requests import EditRequest, end_of_turn_id, prompt_text
+from ..models.fingerprint import weights_fingerprint
+from ..storage.integrity import read_json_verified, write_json_with_checksum
+from ..storage.paths import cache_dir
 from .generation import generate_batch
 
 log = logging.getLogger(__name__)

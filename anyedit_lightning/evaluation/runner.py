@@ -28,8 +28,8 @@ import lightning as L
 import torch
 
 from ..benchmarks import get_datamodule
-from ..presets import get_preset
-from ..stats import CovarianceStats, compute_covariance
+from ..models.presets import get_preset
+from ..stats.covariance import CovarianceStats, compute_covariance
 from .config import (
     COVARIANCE_METHODS,
     METHOD_LABELS,
@@ -101,8 +101,8 @@ def _default_device(config: RunOptions) -> str:
 
 
 def load_for(config: RunOptions):
-    """The model and tokenizer a config names (see :func:`anyedit_lightning.models.load_model`)."""
-    from ..models import load_model
+    """The model and tokenizer a config names (see :func:`anyedit_lightning.models.loading.load_model`)."""
+    from ..models.loading import load_model
 
     return load_model(config.model, dtype=config.dtype, device=_default_device(config))
 

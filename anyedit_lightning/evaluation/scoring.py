@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from torchmetrics import Metric
 
+from ..core.requests import EditRequest, prompt_text
 from ..metrics import CharBLEU, Fluency, RougeRecall, SemanticSimilarity, SubFactHits, WordBLEU
-from ..requests import EditRequest, prompt_text
 from .config import BenchConfig, method_label
 from .generation import Generation, generate_batch
 from .summary import mean_scores

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..batching import pad_right
+from ..core.batching import pad_right
 
 DEFAULT_TOP_K = 256
 FORCED_BATCH_SIZE = 16

@@ -13,8 +13,8 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from ..corpus import wikipedia_heldout
-from ..text_data import token_batches
+from ..stats.corpus import wikipedia_heldout
+from ..stats.text_data import token_batches
 
 DEFAULT_PERPLEXITY_TOKENS = 4096
 _PIECE = 32  # positions per log-softmax call

@@ -7,12 +7,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..checks import WriterConfigError, check_real
+from ..core.checks import WriterConfigError, check_real
 from .base import add_to_down_proj
 from .memit import CovarianceWriter
 
 if TYPE_CHECKING:
-    from ..module import AnyEditModule
+    from ..core.module import AnyEditModule
 
 
 class AlphaEditWrite(CovarianceWriter):

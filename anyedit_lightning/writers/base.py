@@ -15,15 +15,15 @@ from typing import TYPE_CHECKING
 import lightning as L
 import torch
 
-from ..batching import pad_right
-from ..hooks import record_inputs, record_outputs
-from ..optimize import NonFiniteError
-from ..planning import RequestPlan
-from ..registry import ModelHandle
-from ..weights import restore, snapshot
+from ..core.batching import pad_right
+from ..core.hooks import record_inputs, record_outputs
+from ..core.optimize import NonFiniteError
+from ..core.planning import RequestPlan
+from ..core.weights import restore, snapshot
+from ..models.registry import ModelHandle
 
 if TYPE_CHECKING:
-    from ..module import AnyEditModule
+    from ..core.module import AnyEditModule
 
 
 @contextmanager

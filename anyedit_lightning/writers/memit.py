@@ -7,12 +7,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..checks import WriterConfigError, check_bool, check_int, check_real
-from ..stats import CovarianceStats, compute_covariance
+from ..core.checks import WriterConfigError, check_bool, check_int, check_real
+from ..stats.covariance import CovarianceStats, compute_covariance
 from .base import WeightWriter, add_to_down_proj
 
 if TYPE_CHECKING:
-    from ..module import AnyEditModule
+    from ..core.module import AnyEditModule
 
 
 class CovarianceWriter(WeightWriter):
@@ -82,7 +82,7 @@ class MemitWrite(CovarianceWriter):
     """MEMIT; with ``K_p`` when the module preserves the edited text (MEMIT+AnyEdit).
 
     ``mom2_weight`` is λ. The authors' 15000 is for 7–8B models; a small model's ``C`` has a different
-    scale, so presets set their own (see ``presets.py``).
+    scale, so presets set their own (see ``models/presets.py``).
     """
 
     name = "memit"

@@ -10,14 +10,14 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from ..batching import pad_right
-from ..checks import WriterConfigError, check_int, check_real
-from ..corpus import WIKIPEDIA_CHAT, WIKIPEDIA_SAMPLE, wikipedia_chat, wikipedia_sample
-from ..hooks import StopForward, hidden_of, removed_after, run_until
+from ..core.batching import pad_right
+from ..core.checks import WriterConfigError, check_int, check_real
+from ..core.hooks import StopForward, hidden_of, removed_after, run_until
+from ..stats.corpus import WIKIPEDIA_CHAT, WIKIPEDIA_SAMPLE, wikipedia_chat, wikipedia_sample
 from .base import WeightWriter
 
 if TYPE_CHECKING:
-    from ..module import AnyEditModule
+    from ..core.module import AnyEditModule
 
 
 def _layer_call(model, layer, ids, mask):
@@ -49,7 +49,7 @@ def default_preservation_texts(
 ) -> list[str]:
     """Generic text the layer must keep producing (authors: random instruction examples).
 
-    ``wikipedia-chat``: ``count`` exchanges spread evenly over :func:`~anyedit_lightning.corpus.wikipedia_chat`
+    ``wikipedia-chat``: ``count`` exchanges spread evenly over :func:`~anyedit_lightning.stats.corpus.wikipedia_chat`
     (chat-formatted, like the prompts an edit must leave alone; docs/faithful.md).
     """
     if corpus == WIKIPEDIA_CHAT:

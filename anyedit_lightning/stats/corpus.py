@@ -25,7 +25,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .paths import default_data_dir
+from ..storage.paths import default_data_dir
 
 WIKIPEDIA_SAMPLE = "wikipedia-sample"
 WIKIPEDIA_CHAT = "wikipedia-chat"

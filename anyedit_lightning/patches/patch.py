@@ -35,8 +35,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .fingerprint import weights_fingerprint
-from .patch_deltas import (
+from ..models.fingerprint import weights_fingerprint
+from .deltas import (
     Direction,
     FixUp,
     PatchMismatchError,
@@ -46,13 +46,13 @@ from .patch_deltas import (
     named_tensors,
     write_deltas,
 )
-from .patch_format import FORMAT, PatchFileError, read_patch_file, write_patch_file
+from .format import FORMAT, PatchFileError, read_patch_file, write_patch_file
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from .module import AnyEditModule
-    from .requests import EditRequest
+    from ..core.module import AnyEditModule
+    from ..core.requests import EditRequest
 
 __all__ = [
     "FORMAT",
@@ -77,7 +77,7 @@ def _request_dicts(requests: Sequence[EditRequest] | None) -> list[dict[str, Any
 
 def _writer_settings(module: AnyEditModule) -> dict[str, Any] | None:
     """Scalar settings of the writer callback that made the edit (λ, τ, α, lr, ...), if still attached."""
-    from .writers.base import WeightWriter
+    from ..writers.base import WeightWriter
 
     trainer = getattr(module, "_trainer", None)
     for callback in getattr(trainer, "callbacks", None) or []:
@@ -139,7 +139,7 @@ class EditPatch:
         Names of ``before_state`` the model does not have as a parameter or buffer (e.g. the second name
         of a tied weight) are ignored; a shape or dtype mismatch is an error.
         """
-        from . import __version__
+        from .. import __version__
 
         current = named_tensors(model)
         deltas: dict[str, torch.Tensor] = {}

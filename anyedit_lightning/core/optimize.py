@@ -31,12 +31,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..models.registry import ModelHandle
 from .batching import pad_right
 from .chunking import Chunk
 from .config import EditConfig
 from .forward import Replay, ResidualForward
 from .planning import RequestPlan
-from .registry import ModelHandle
 
 
 class NonFiniteError(FloatingPointError):

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..models.registry import ModelHandle
 from .hooks import edit_layer_output
-from .registry import ModelHandle
 
 LAYER_ATTRIBUTES = ("attention_type", "layer_idx", "is_sliding")
 """What the model's forward reads off its decoder layers (mask type, cache slot), so a stand-in has them too."""

@@ -22,13 +22,13 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from ..core.hooks import record_inputs, run_until
+from ..core.lightning_utils import call_keeping_device, trainer_for
+from ..models.fingerprint import weights_fingerprint
+from ..models.registry import ArchitectureSpec, ModelHandle, resolve_architecture
+from ..storage.integrity import atomic_path, tensor_checksum
+from ..storage.paths import cache_dir
 from .corpus import WIKIPEDIA_SAMPLE
-from .fingerprint import weights_fingerprint
-from .hooks import record_inputs, run_until
-from .integrity import atomic_path, tensor_checksum
-from .lightning_utils import call_keeping_device, trainer_for
-from .paths import cache_dir
-from .registry import ArchitectureSpec, ModelHandle, resolve_architecture
 from .text_data import TextCorpusDataModule, token_batches  # noqa: F401  (token_batches: public here too)
 
 log = logging.getLogger(__name__)

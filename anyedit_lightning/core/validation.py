@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from ..models.registry import ModelHandle
 from .checks import EditConfigError, WriterConfigError, check_config_fields
 from .config import EditConfig
-from .registry import ModelHandle
 from .requests import EditRequest
 
 if TYPE_CHECKING:

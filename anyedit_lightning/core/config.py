@@ -13,7 +13,7 @@ class EditConfig:
     """How the per-chunk targets are found (AnyEdit steps 1–3; docs/algorithm.md §3, §7).
 
     Each field is documented where it is declared. ``__post_init__`` checks every field's type and
-    range (:func:`~anyedit_lightning.checks.check_config_fields`); the checks that need the model
+    range (:func:`~anyedit_lightning.core.checks.check_config_fields`); the checks that need the model
     (layer indices in range, ``loss_layer`` above the z-layer) run in ``validate_config``.
     """
 

@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .patch_deltas import DIRECTIONS, FixUp
+from .deltas import DIRECTIONS, FixUp
 
 FORMAT = "anyedit_lightning.EditPatch/1"
 

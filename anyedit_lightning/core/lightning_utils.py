@@ -1,5 +1,5 @@
 """Trainer set-up shared by every Lightning run on a user's model: the edit (``api.py``), the covariance
-statistics (``stats.py``) and the benchmark runner (``evaluation/runner.py``).
+statistics (``stats/covariance.py``) and the benchmark runner (``evaluation/runner.py``).
 
 Two things each of them needs: a Trainer placed where the model already is (the model is the user's,
 often on a chosen GPU, and is not trained), and the model left on that device afterwards, since

@@ -31,10 +31,10 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
+from ..models.registry import ArchitectureSpec, resolve_architecture
 from .config import EditConfig
 from .optimize import ChunkRun, DeltaOptimizer
 from .planning import plan_requests
-from .registry import ArchitectureSpec, resolve_architecture
 from .requests import EditRequest
 from .validation import validate_edit
 

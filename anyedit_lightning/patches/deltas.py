@@ -1,4 +1,4 @@
-"""Bit-exact weight deltas (the arithmetic behind :class:`~anyedit_lightning.patch.EditPatch`).
+"""Bit-exact weight deltas (the arithmetic behind :class:`~anyedit_lightning.patches.patch.EditPatch`).
 
 Floating-point ``before + delta`` is not always exactly ``after`` (nor ``after − delta`` exactly
 ``before``), so every delta comes with *fix-ups*: per direction, the flat indices where the very
@@ -15,7 +15,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .fingerprint import weights_fingerprint
+from ..models.fingerprint import weights_fingerprint
 
 Direction = Literal["apply", "revert"]
 DIRECTIONS: tuple[Direction, ...] = ("apply", "revert")

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
 
-from .batching import pad_right
+from ..core.batching import pad_right
 from .corpus import WIKIPEDIA_SAMPLE, resolve_corpus
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ def token_batches(
 
 
 class TextCorpusDataModule(L.LightningDataModule):
-    """Tokenised, length-batched pieces of a corpus (see :func:`anyedit_lightning.corpus.resolve_corpus`).
+    """Tokenised, length-batched pieces of a corpus (see :func:`anyedit_lightning.stats.corpus.resolve_corpus`).
 
     Example:
         >>> data = TextCorpusDataModule(tokenizer, "notes.txt", max_tokens=50_000)

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from .integrity import verify_manifest, write_manifest
-from .paths import cache_dir
+from ..storage.integrity import verify_manifest, write_manifest
+from ..storage.paths import cache_dir
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ def default_data_dir() -> Path:
         if not path.is_dir():
             raise FileNotFoundError(f"${DATA_ENV} is set to {override!r}, which is not a folder.")
         return path
-    path = Path(__file__).resolve().parents[1] / "data"
+    path = Path(__file__).resolve().parents[2] / "data"
     if not path.is_dir():
         raise FileNotFoundError(
             f"The data folder was not found at {path}. The data files ship with the source "

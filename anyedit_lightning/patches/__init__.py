@@ -1,0 +1,7 @@
+"""Edit patches: an edit saved as a small, bit-exactly revertible file of weight deltas."""
+
+from .deltas import PatchMismatchError
+from .format import PatchFileError
+from .patch import EditPatch, save_edited_model
+
+__all__ = ["EditPatch", "PatchFileError", "PatchMismatchError", "save_edited_model"]
