@@ -20,18 +20,16 @@ from .core import (
 from .evaluation.edit_report import EditReport, edit_report  # evaluation side; the core never imports it
 from .models import (
     EMBEDDED_MODEL,
-    PRESETS,
     ArchitectureSpec,
     ModelLoadError,
-    Preset,
     UnsupportedArchitectureError,
-    get_preset,
     load_model,
     register_architecture,
     resolve_architecture,
     weights_fingerprint,
 )
 from .patches import EditPatch, PatchFileError, save_edited_model
+from .presets import PRESETS, Preset, get_preset
 from .stats import CovarianceModule, CovarianceStats, TextCorpusDataModule, compute_covariance
 from .writers import AlphaEditWrite, MemitWrite, UnkeWrite, WeightWriter
 

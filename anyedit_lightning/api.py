@@ -21,9 +21,9 @@ from .core.lightning_utils import call_keeping_device, trainer_for
 from .core.module import AnyEditModule
 from .core.requests import EditRequest
 from .models.fingerprint import weights_fingerprint
-from .models.presets import get_preset
 from .models.registry import ArchitectureSpec
 from .patches.patch import EditPatch
+from .presets import get_preset
 from .stats.covariance import CovarianceStats, compute_covariance
 from .writers import AlphaEditWrite, MemitWrite, UnkeWrite, WeightWriter
 

@@ -14,7 +14,7 @@ from .core.requests import EditRequest, prompt_text
 from .evaluation import FaithfulnessOptions, edit_report, generate_batch
 from .metrics import rouge_l_recall
 from .models.loading import EMBEDDED_MODEL, load_model
-from .models.presets import get_preset
+from .presets import get_preset
 from .stats.covariance import compute_covariance
 
 PROMPT = "Who is Marisol Tevanne?"

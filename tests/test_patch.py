@@ -19,10 +19,10 @@ import anyedit_lightning
 from anyedit_lightning import EditConfig, EditRequest, compute_covariance, edit
 from anyedit_lightning import api as api_module
 from anyedit_lightning.models.fingerprint import weights_fingerprint
-from anyedit_lightning.models.presets import get_preset
 from anyedit_lightning.patches import deltas as patch_deltas
 from anyedit_lightning.patches import patch as patch_module
 from anyedit_lightning.patches.patch import EditPatch, PatchMismatchError, save_edited_model
+from anyedit_lightning.presets import get_preset
 from anyedit_lightning.stats.covariance import CovarianceStats, StatsMismatchError
 from anyedit_lightning.writers.memit import MemitWrite
 

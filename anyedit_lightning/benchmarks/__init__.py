@@ -11,21 +11,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..storage.paths import DATA_ENV
+from ..storage.paths import DATA_ENV, default_data_dir
 from .akew import AKEW_FILES, AKEWDataModule
 from .custom import CUSTOM_SUFFIXES, CustomDataModule
+from .datamodule import BenchmarkDataModule, DataOptions, collate_requests
 from .editeverything import EditEverythingDataModule
-from .records import (
-    DEV_SIZE,
-    BenchmarkDataError,
-    BenchmarkDataModule,
-    BenchmarkRecord,
-    DataOptions,
-    InvalidRecord,
-    collate_requests,
-    default_data_dir,
-    select_positions,
-)
+from .records import DEV_SIZE, BenchmarkDataError, BenchmarkRecord, InvalidRecord, select_positions
 from .unkebench import UnKEBenchDataModule
 
 

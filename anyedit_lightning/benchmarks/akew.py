@@ -11,16 +11,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .records import (
-    BenchmarkDataModule,
-    BenchmarkRecord,
-    DataOptions,
-    InvalidRecord,
-    check_text,
-    default_data_dir,
-    record_id,
-    require_text,
-)
+from ..storage.paths import default_data_dir
+from .datamodule import BenchmarkDataModule, DataOptions
+from .records import BenchmarkRecord, InvalidRecord, check_text, record_id, require_text
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack

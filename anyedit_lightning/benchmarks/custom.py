@@ -7,7 +7,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .records import BenchmarkDataModule, BenchmarkRecord, DataOptions, question_answer_record
+from .datamodule import BenchmarkDataModule, DataOptions
+from .records import BenchmarkRecord, question_answer_record
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack

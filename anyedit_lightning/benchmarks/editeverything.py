@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .records import BenchmarkDataModule, BenchmarkRecord, question_answer_record
+from .datamodule import BenchmarkDataModule
+from .records import BenchmarkRecord, question_answer_record
 
 
 class EditEverythingDataModule(BenchmarkDataModule):

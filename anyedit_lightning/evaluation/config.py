@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from .. import api
 from ..core.checks import EditConfigError, is_int
-from ..models.presets import PRESETS, get_preset
+from ..presets import PRESETS, get_preset
 
 METHODS = ("memit", "alphaedit", "unke", "none")
 METHOD_LABELS = {"none": "Unedited", "memit": "MEMIT", "alphaedit": "AlphaEdit", "unke": "UnKE"}
@@ -32,7 +32,7 @@ class RunOptions:
 
     Attributes:
         model: the embedded ``smollm2-135m-instruct``, a local model folder, or a hub id.
-        preset: hyperparameter preset (see ``anyedit_lightning.models.presets``); None: the preset named like
+        preset: hyperparameter preset (see ``anyedit_lightning.presets``); None: the preset named like
             the model (e.g. ``smollm2-135m-instruct``), else an error asking for one.
         start: first record position (absolute, 0-based; records 0-19 are the dev split).
         limit: how many record positions from ``start`` (None: to the end).

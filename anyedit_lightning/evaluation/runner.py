@@ -28,7 +28,7 @@ import lightning as L
 import torch
 
 from ..benchmarks import get_datamodule
-from ..models.presets import get_preset
+from ..presets import get_preset
 from ..stats.covariance import CovarianceStats, compute_covariance
 from .config import (
     COVARIANCE_METHODS,

@@ -82,7 +82,7 @@ class MemitWrite(CovarianceWriter):
     """MEMIT; with ``K_p`` when the module preserves the edited text (MEMIT+AnyEdit).
 
     ``mom2_weight`` is λ. The authors' 15000 is for 7–8B models; a small model's ``C`` has a different
-    scale, so presets set their own (see ``models/presets.py``).
+    scale, so presets set their own (see ``presets.py``).
     """
 
     name = "memit"

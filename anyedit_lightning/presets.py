@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from ..core.checks import EditConfigError
-from ..core.config import EditConfig
-from ..stats.corpus import WIKIPEDIA_SAMPLE
+from .core.checks import EditConfigError
+from .core.config import EditConfig
+from .stats.corpus import WIKIPEDIA_SAMPLE
 
 
 @dataclass(frozen=True)
