@@ -12,10 +12,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from ..storage.integrity import atomic_write_text, finite_json
 
 SUMMARY = "summary.json"
 TABLE = "results.md"
@@ -98,23 +99,6 @@ def merge_rows(old: Sequence[Mapping[str, Any]], new: Sequence[Mapping[str, Any]
         if row and row["dataset"] not in datasets:
             datasets.append(row["dataset"])
     return sorted(merged.values(), key=lambda r: (datasets.index(r["dataset"]), *_order(r)))
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Mapping):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
-def _write_atomic(path: Path, text: str | bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(text.encode("utf-8") if isinstance(text, str) else text)
-    os.replace(tmp, path)
 
 
 def _pct(value: Any) -> str:
@@ -274,10 +258,12 @@ def write_report(
             old = []
     rows = merge_rows(old, rows)
     summary = {
-        "results": _finite(rows),
+        "results": finite_json(rows),
         "files": {"table": TABLE, "plot": PLOT, "predictions": "predictions.jsonl"},
     }
-    _write_atomic(out / SUMMARY, json.dumps(summary, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
-    _write_atomic(out / TABLE, markdown_table(rows, title))
+    atomic_write_text(
+        out / SUMMARY, json.dumps(summary, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    )
+    atomic_write_text(out / TABLE, markdown_table(rows, title))
     plot(rows, out / PLOT)
     return summary

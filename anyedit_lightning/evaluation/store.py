@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
+
+from ..storage.integrity import finite_json
 
 log = logging.getLogger(__name__)
 
@@ -70,21 +71,10 @@ class PredictionWriter:
                     handle.write("\n")
 
     def write(self, record: Mapping[str, Any]) -> None:
-        line = json.dumps(_finite(record), ensure_ascii=False, allow_nan=False)
+        line = json.dumps(finite_json(record), ensure_ascii=False, allow_nan=False)
         with self.path.open("a", encoding="utf-8") as handle:
             handle.write(line + "\n")
             handle.flush()
-
-
-def _finite(value: Any) -> Any:
-    """NaN/inf become None so the files are strict JSON."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Mapping):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
 
 
 def merge_rank_files(out: str | os.PathLike[str]) -> Path:

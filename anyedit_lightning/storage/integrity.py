@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
@@ -69,9 +70,21 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.unlink(tmp)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically (see :func:`atomic_path`)."""
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def finite_json(value: Any) -> Any:
+    """``value`` with NaN/inf floats (at any depth of mappings and lists) replaced by None: strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    return value
 
 
 def _canonical(payload: Any) -> str:
@@ -82,7 +95,7 @@ def write_json_with_checksum(path: str | os.PathLike, payload: Any) -> Path:
     """Write ``{"sha256": ..., "data": payload}`` atomically (temporary file, then rename)."""
     path = Path(path)
     text = json.dumps({"sha256": checksum(_canonical(payload)), "data": payload}, ensure_ascii=False)
-    _atomic_write_text(path, text)
+    atomic_write_text(path, text)
     return path
 
 
