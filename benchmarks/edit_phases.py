@@ -1,0 +1,68 @@
+"""Where one default edit spends its time: the δ optimisation (the fit's chunks) vs the weight write.
+
+Edits UnKEBench dev records into the embedded SmolLM2 with ``edit(model, tok, request)`` and the
+preset's recommended method (or ``--method``), restoring the weights after each, and prints per record
+the seconds of the whole edit, of the write callback, and the chunks and δ steps taken.
+
+    OMP_NUM_THREADS=2 python benchmarks/edit_phases.py --records 3 [--method memit] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from anyedit_lightning import edit, load_model
+from anyedit_lightning.benchmarks import get_datamodule
+from anyedit_lightning.core.weights import restore, snapshot
+from anyedit_lightning.writers.base import WeightWriter
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--records", type=int, nargs="+", default=[3], help="dev record indices (0-19)")
+    parser.add_argument("--method", default=None, help="memit, alphaedit or unke (default: the preset's)")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load_model()
+    data = get_datamodule("unkebench", start=0, limit=20, split="dev")
+    requests = {r.extra["index"]: r for r in data.requests}
+    write_seconds: list[float] = []
+    original = WeightWriter.on_train_end
+
+    def timed_write(self, trainer, pl_module) -> None:
+        started = time.perf_counter()
+        try:
+            original(self, trainer, pl_module)
+        finally:
+            write_seconds.append(time.perf_counter() - started)
+
+    WeightWriter.on_train_end = timed_write
+    params = dict(model.named_parameters())
+    base = snapshot(params)
+    for index in args.records:
+        started = time.perf_counter()
+        module = edit(
+            model,
+            tokenizer,
+            requests[index],
+            method=args.method,
+            trainer_kwargs={"enable_progress_bar": False, "logger": False},
+        )
+        total = time.perf_counter() - started
+        steps = sum(m["steps"] for m in module.chunk_metrics)
+        print(
+            f"record {index}: edit {total:.1f} s, write {write_seconds[-1]:.1f} s, "
+            f"δ optimisation and the rest {total - write_seconds[-1]:.1f} s; "
+            f"{len(module.chunk_metrics)} chunks, {steps} δ steps",
+            flush=True,
+        )
+        restore(params, base)
+
+
+if __name__ == "__main__":
+    main()
