@@ -122,13 +122,13 @@ def run_demo(argv: Sequence[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m anyedit_lightning`` and the ``anyedit`` script."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    # Every edit builds its own Trainer; its "GPU available ..." banner would repeat once per request.
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     if argv and argv[0] == "demo":
         return run_demo(argv[1:])
     parser = build_parser()
     namespace = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # Every edit builds its own Trainer; its "GPU available ..." banner would repeat once per request.
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     from .evaluation.runner import run_benchmark, run_grid
     from .models.loading import ModelLoadError
 

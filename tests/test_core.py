@@ -23,6 +23,7 @@ from anyedit_lightning.core.checks import WriterConfigError
 from anyedit_lightning.core.config import EditConfig
 from anyedit_lightning.core.forward import ResidualForward
 from anyedit_lightning.core.hooks import add_at_positions, hidden_of, record_outputs
+from anyedit_lightning.core.lightning_utils import call_keeping_device
 from anyedit_lightning.core.module import AnyEditModule
 from anyedit_lightning.core.optimize import DeltaOptimizer, NonFiniteError
 from anyedit_lightning.core.planning import plan_requests
@@ -708,6 +709,24 @@ def test_an_edit_fit_emits_no_lightning_warnings(tok, stats, tmp_path):
     assert not model.training and module.edit_record is not None
     logged = (next(tmp_path.rglob("metrics.csv"))).read_text()
     assert "chunk/nll_after" in logged and f"write/layer_{LAYERS[0]}/" in logged
+
+
+def test_an_edit_through_the_library_shows_no_warning_at_all(tok, stats, tmp_path):
+    """Through ``call_keeping_device`` (what ``edit`` and the statistics use) not even the FutureWarning
+    Lightning triggers in torch's pytree reaches the user; other warnings still would."""
+    model = tiny_model("llama")
+    module = AnyEditModule(model, tok, REQUESTS[:1], EditConfig(**BASE))
+    trainer = default_trainer(
+        model,
+        [MemitWrite(stats=stats("llama"), mom2_weight=LAMBDA)],
+        log_dir=str(tmp_path),
+        enable_progress_bar=False,
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        call_keeping_device(model, trainer.fit, module)
+        warnings.warn("still shown", FutureWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["still shown"]
 
 
 # ---- validation before any weight is touched ------------------------------------------------------

@@ -8,7 +8,9 @@ Lightning's teardown moves the LightningModule, and so the model inside it, to t
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import lightning as L
@@ -43,6 +45,20 @@ def trainer_for(
     return L.Trainer(**settings)
 
 
+#: Warnings that Lightning itself triggers in every fit, which a user can do nothing about: Lightning 2.6
+#: builds torch's deprecated ``LeafSpec`` for each dataloader (torch >= 2.10 warns, FutureWarning).
+UPSTREAM_WARNINGS = (r".*isinstance\(treespec, LeafSpec\)` is deprecated",)
+
+
+@contextmanager
+def upstream_warnings_silenced() -> Iterator[None]:
+    """Hide :data:`UPSTREAM_WARNINGS` (and only those) inside the block."""
+    with warnings.catch_warnings():
+        for message in UPSTREAM_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+        yield
+
+
 def call_keeping_device(
     model: torch.nn.Module, entry_point: Callable[..., T], *args: Any, **kwargs: Any
 ) -> T:
@@ -55,7 +71,8 @@ def call_keeping_device(
     """
     device = next(model.parameters()).device
     try:
-        return call_trainer(entry_point, *args, **kwargs)
+        with upstream_warnings_silenced():
+            return call_trainer(entry_point, *args, **kwargs)
     finally:
         if next(model.parameters()).device != device:
             model.to(device)
