@@ -1,12 +1,14 @@
 """End-to-end edits on the embedded SmolLM2 (issue 3): long fictional targets the model cannot know.
 
-CI runs one request with the recommended configuration (the preset's method) and its single-token
-baseline, and checks what the edit did to unrelated answers; set
-``ANYEDIT_FULL_E2E=1`` to run all three requests (one of them code) and every method.
+CI runs one request with the recommended configuration (the preset's method) and checks what the edit did
+to unrelated answers (one UnKE+AnyEdit edit is about ten minutes on a slow 2-core CPU, most of it UnKE's
+write); set ``ANYEDIT_FULL_E2E=1`` to run all three requests (one of them code) and every method against
+its single-token baseline.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -45,9 +47,13 @@ LOCALITY = FaithfulnessOptions(
 def smol(smollm2):
     model, tokenizer = smollm2
     layers = sorted(set(PRESET.config("memit", True).layers) | set(PRESET.config("memit", False).layers))
-    stats = compute_covariance(
-        model, tokenizer, layers, corpus=PRESET.stats_corpus("memit"), max_tokens=PRESET.stats_tokens
-    )
+
+    @functools.cache
+    def stats():  # only the covariance writers need them, computed on the unedited weights
+        return compute_covariance(
+            model, tokenizer, layers, corpus=PRESET.stats_corpus("memit"), max_tokens=PRESET.stats_tokens
+        )
+
     base = {k: v.clone() for k, v in model.state_dict().items()}
     yield model, tokenizer, stats
     model.load_state_dict(base)
@@ -64,7 +70,7 @@ def _edit_and_score(smol, request, method, anyedit, report=False):
             request,
             method=method,
             anyedit=anyedit,
-            stats=stats if method != "unke" else None,
+            stats=stats() if method != "unke" else None,
             trainer_kwargs=dict(enable_progress_bar=False, logger=False),
         )
         rouge = rouge_l_recall(_regenerate(model, tokenizer, request), request.target)
@@ -76,21 +82,19 @@ def _edit_and_score(smol, request, method, anyedit, report=False):
 
 @pytest.mark.parametrize("request_index", range(len(REQUESTS)) if FULL else [0])
 def test_recommended_edit_takes_and_leaves_unrelated_answers_alone(smol, request_index):
-    """The default method and preset: the long target comes back, beating the single-token baseline, while
-    the unedited model's answers to everyday prompts and held-out text barely move (the old preset, δ on
-    the template's last token and 4x the hidden norm, scored agreement 0.5-0.7 and perplexity 1.2-1.4x)."""
+    """The default method and preset: the long target comes back while the unedited model's answers to
+    everyday prompts and held-out text barely move (the old preset, δ on the template's last token and 4x
+    the hidden norm, scored agreement 0.5-0.7 and perplexity 1.2-1.4x)."""
     request = REQUESTS[request_index]
     tokens = len(smol[1](request.target)["input_ids"])
     assert tokens >= 150, tokens
     method = PRESET.method
     anyedit, report = _edit_and_score(smol, request, method, True, report=True)
-    baseline, _ = _edit_and_score(smol, request, method, False)
     print(
-        f"request {request_index}: {method}+AnyEdit ROUGE-L {anyedit:.3f}, {method} {baseline:.3f}, "
+        f"request {request_index}: {method}+AnyEdit ROUGE-L {anyedit:.3f}, "
         f"locality agreement {report.locality_agreement:.3f}, perplexity x{report.perplexity_ratio:.3f}"
     )
     assert anyedit >= 0.8, f"{method}+AnyEdit reached ROUGE-L recall {anyedit:.3f} < 0.8"
-    assert anyedit > baseline, f"AnyEdit {anyedit:.3f} did not beat its single-token baseline {baseline:.3f}"
     assert report.locality_agreement >= 0.85, report.locality_agreement
     assert report.perplexity_ratio <= 1.03, report.perplexity_ratio
 
