@@ -124,6 +124,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # Every edit builds its own Trainer; its "GPU available ..." banner would repeat once per request.
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    # transformers draws a "Loading weights" bar per checkpoint (the model, the embeddings model): noise here.
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
     if argv and argv[0] == "demo":
         return run_demo(argv[1:])
     parser = build_parser()

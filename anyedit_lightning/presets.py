@@ -72,6 +72,7 @@ SMOLLM2_135M = Preset(
             "preservation_count": 40,
             "max_preservation_tokens": 256,
             "preservation_weight": 4.0,
+            "preservation_batch": 10,
         },
     },
     stats_tokens=100_000,
@@ -86,7 +87,9 @@ SMOLLM2_135M = Preset(
         "at 1x the hidden norm instead of 4x; (5) statistics and UnKE's preservation set from chat-formatted "
         "text (the Wikipedia articles as chat exchanges), λ = 100 for MEMIT; UnKE with 40 such exchanges of "
         "up to 256 tokens, their loss weighted 4x, 100 steps at lr 1e-3 (the authors' 50 at 2e-4 left the "
-        "targets unwritten; 50 at 2e-3 wrote them but changed more unrelated answers). "
+        "targets unwritten; 50 at 2e-3 wrote them but changed more unrelated answers); each step uses 10 of the 40 "
+        "exchanges in turn (preservation_batch), a quarter of the write's cost at the same locality on the dev "
+        "records (docs/faithful.md). "
         "UnKE+AnyEdit is the recommended method: it changed unrelated answers least. AlphaEdit's α = 1 "
         "instead of 10 (10·I is ~40x MEMIT's λ·C per direction on this model); τ stays 2e-2."
     ),

@@ -429,6 +429,61 @@ def test_unke_mlp_scope_leaves_attention_alone(family, tok):
         UnkeWrite(scope="attention")
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_unke_mlp_scope_on_cached_inputs_matches_the_fit_through_the_layer(family, tok, monkeypatch):
+    """With attention fixed, fitting the MLP on its cached inputs is the same optimisation as fitting it
+    through the whole layer (the layer's output is its input plus attention plus the MLP's output)."""
+
+    def edited(positions):
+        model = tiny_model(family)
+        writer = UnkeWrite(
+            preservation_texts=CORPUS[:3],
+            steps=8,
+            lr=1e-2,
+            scope="mlp",
+            preservation_weight=2.0,
+            preservation_positions=positions,
+        )
+        run(model, tok, REQUESTS, writer, layers=[2], v_steps=3)
+        return dict(model.named_parameters())
+
+    cached, all_positions, sampled = edited(None), edited(10**6), edited(20)
+    monkeypatch.setattr(UnkeWrite, "_mlp_terms", UnkeWrite._layer_terms)  # MLP tuned, through the layer
+    reference = edited(None)
+    mlp = [n for n in reference if ".mlp." in n and (".2.mlp" in n)]
+    assert mlp
+    original = dict(tiny_model(family).named_parameters())
+    for name in mlp:
+        assert not torch.equal(reference[name], original[name])
+        assert rel(cached[name] - original[name], reference[name] - original[name]) < 1e-5, name  # ~3e-7
+        assert torch.equal(cached[name], all_positions[name])  # a sample of at least every position is all
+    assert any(not torch.equal(sampled[n], cached[n]) for n in mlp)  # a smaller sample is a different fit
+    with pytest.raises(WriterConfigError, match="scope='mlp'"):
+        UnkeWrite(preservation_positions=100)
+
+
+@pytest.mark.parametrize("scope", ["layer", "mlp"])
+def test_unke_preservation_batch_draws_groups_of_texts(scope, tok):
+    """A batch of at least every text is the full objective; a smaller one is another fit that still
+    writes the edit; a batch of zero is refused."""
+
+    def edited(batch):
+        model = tiny_model("llama")
+        writer = UnkeWrite(
+            preservation_texts=CORPUS[:4], steps=6, lr=1e-2, scope=scope, preservation_batch=batch
+        )
+        run(model, tok, REQUESTS, writer, layers=[2], v_steps=3)
+        return {n: p.detach().clone() for n, p in model.named_parameters() if ".2." in n}
+
+    full, everything, grouped = edited(None), edited(4), edited(1)
+    original = {n: p for n, p in tiny_model("llama").named_parameters() if n in full}
+    assert all(torch.equal(full[n], everything[n]) for n in full)
+    assert any(not torch.equal(grouped[n], full[n]) for n in full)
+    assert any(not torch.equal(grouped[n], original[n]) for n in full)
+    with pytest.raises(WriterConfigError, match="preservation_batch"):
+        UnkeWrite(preservation_batch=0)
+
+
 # ---- atomic writes -------------------------------------------------------------------------------
 
 

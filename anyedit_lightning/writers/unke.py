@@ -4,7 +4,7 @@ at the key positions while its outputs on generic text stay as they were."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from itertools import islice
+from itertools import count, islice
 from typing import TYPE_CHECKING
 
 import torch
@@ -44,6 +44,32 @@ def _layer_call(model, layer, ids, mask):
     return seen["args"], kwargs, seen["out"]
 
 
+def _module_io(model, module, ids, mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input and output of ``module`` (an MLP: a per-token function) in the model's forward on ``ids``."""
+    seen = {}
+
+    def post(_m, inputs, output):
+        seen["x"], seen["y"] = inputs[0].detach(), hidden_of(output).detach()
+        raise StopForward
+
+    with removed_after([module.register_forward_hook(post)]), torch.no_grad():
+        run_until(lambda: model(input_ids=ids, attention_mask=mask, use_cache=False))
+    return seen["x"], seen["y"]
+
+
+def _text_groups(count: int, batch: int | None) -> list[torch.Tensor]:
+    """The preservation texts split into seeded groups of ``batch`` (one group of all when None)."""
+    if batch is None or batch >= count:
+        return [torch.arange(count)]
+    return list(torch.randperm(count, generator=torch.Generator().manual_seed(0)).split(batch))
+
+
+def _cycling(items: Sequence):
+    """A function returning ``items`` in turn, round and round: one preservation group per step."""
+    turn = count()
+    return lambda: items[next(turn) % len(items)]
+
+
 def default_preservation_texts(
     count: int = 20, chars: int = 600, corpus: str = WIKIPEDIA_SAMPLE, tokenizer=None
 ) -> list[str]:
@@ -74,12 +100,21 @@ class UnkeWrite(WeightWriter):
         preservation_corpus: str = WIKIPEDIA_SAMPLE,
         preservation_weight: float = 1.0,
         scope: str = "layer",
+        preservation_positions: int | None = None,
+        preservation_batch: int | None = None,
     ):
         """``preservation_corpus`` (``wikipedia-sample`` or ``wikipedia-chat``) supplies the default
         preservation texts; ``preservation_weight`` multiplies their loss against the edit's. ``scope``:
         ``"layer"`` tunes every parameter of the layer (the authors' UnKE), ``"mlp"`` only its MLP, whose
-        input is the key the other writers edit (attention left as it was: fewer parameters drift)."""
+        input is the key the other writers edit (attention left as it was: fewer parameters drift).
+
+        With ``scope="mlp"`` the layer's attention is fixed, so the MLP's inputs are computed once and the
+        fit runs on the MLP alone, token by token; ``preservation_positions`` then draws that many preservation
+        tokens at each step (a seeded sample, fresh per step; None: all of them), the main cost of the write
+        (docs/algorithm.md §4.3). ``preservation_batch`` (either scope) uses that many preservation texts per
+        step, a different group each step in turn: the full objective in expectation at a fraction of the cost."""
         self.lr, self.steps, self.weight_decay, self.scope = lr, steps, weight_decay, scope
+        self.preservation_positions, self.preservation_batch = preservation_positions, preservation_batch
         self.preservation_texts = preservation_texts
         self.preservation_count, self.max_preservation_tokens = preservation_count, max_preservation_tokens
         self.preservation_corpus, self.preservation_weight = preservation_corpus, preservation_weight
@@ -94,6 +129,15 @@ class UnkeWrite(WeightWriter):
         check_real("preservation_weight", self.preservation_weight, error=WriterConfigError)
         if self.scope not in ("layer", "mlp"):
             raise WriterConfigError(f"scope={self.scope!r}: use 'layer' or 'mlp'.")
+        if self.preservation_batch is not None:
+            check_int("preservation_batch", self.preservation_batch, 1, WriterConfigError)
+        if self.preservation_positions is not None:
+            check_int("preservation_positions", self.preservation_positions, 1, WriterConfigError)
+            if self.scope != "mlp":
+                raise WriterConfigError(
+                    "preservation_positions needs scope='mlp' (a whole layer's attention reads whole "
+                    "sequences, so its preservation text cannot be sampled token by token)."
+                )
         if self.preservation_corpus not in (WIKIPEDIA_SAMPLE, WIKIPEDIA_CHAT):
             raise WriterConfigError(
                 f"preservation_corpus={self.preservation_corpus!r}: use {WIKIPEDIA_SAMPLE!r} or "
@@ -139,53 +183,107 @@ class UnkeWrite(WeightWriter):
             for t in self.preservation_texts
         ]
         pres_ids, pres_mask = pad_right(pres, module.pad_id, handle.device)
+        ids, mask = pad_right([p.tokenized.ids for p in module.plans], module.pad_id, handle.device)
+        rows = torch.cat(
+            [torch.full((len(p.keys),), r, device=ids.device) for r, p in enumerate(module.plans)]
+        )
+        cols = torch.cat([torch.as_tensor(p.keys, device=ids.device) for p in module.plans])
         for i, layer_index, keys in self.residual_layers(module):
             layer = handle.layer(layer_index)
-            seqs = [p.tokenized.ids for p in module.plans]
-            ids, mask = pad_right(seqs, module.pad_id, handle.device)
-            args_e, kwargs_e, y_edit = _layer_call(handle.model, layer, ids, mask)
-            args_p, kwargs_p, y_pres = _layer_call(handle.model, layer, pres_ids, pres_mask)
-            target = y_edit.float().clone()
             dz = (keys.Z - keys.H) / (q - i)
-            rows = torch.cat(
-                [torch.full((len(p.keys),), r, device=ids.device) for r, p in enumerate(module.plans)]
-            )
-            cols = torch.cat([torch.as_tensor(p.keys, device=ids.device) for p in module.plans])
-            target[rows, cols] += dz
-            self._fit(
-                layer,
-                self._tuned(module, layer_index),
-                (args_e, kwargs_e, target, mask.bool()),
-                (args_p, kwargs_p, y_pres.float(), pres_mask.bool()),
-            )
+            wanted = set(self._tuned(module, layer_index))
+            tuned = [(n, p) for n, p in layer.named_parameters() if n in wanted]
+            make_terms = self._mlp_terms if self.scope == "mlp" else self._layer_terms
+            terms = make_terms(module, layer_index, (ids, mask, rows, cols, dz), (pres_ids, pres_mask))
+            self._fit(tuned, terms)
             module.log_write(layer_index, residual=float(dz.norm(dim=-1).mean() * (q - i)), update=0.0)
 
-    def _fit(self, layer: torch.nn.Module, tuned: Sequence[str], edit, preserve) -> None:
-        wanted = set(tuned)
-        named = [(n, p) for n, p in layer.named_parameters() if n in wanted]
-        decay = [p for n, p in named if "norm" not in n and "ln" not in n]
-        no_decay = [p for n, p in named if "norm" in n or "ln" in n]
-        originals = [p.requires_grad for _, p in named]
-        for _, p in named:
+    def _layer_terms(self, module: AnyEditModule, layer_index: int, edit, preserve) -> list:
+        """The loss terms through the whole layer, called with the arguments the model gives it."""
+        layer = module.handle.layer(layer_index)
+        ids, mask, rows, cols, dz = edit
+        args_e, kwargs_e, y_e = _layer_call(module.handle.model, layer, ids, mask)
+        target = y_e.float().clone()
+        target[rows, cols] += dz
+        keep_e = mask.bool()
+        target = target[keep_e]
+        groups = []
+        for texts in _text_groups(preserve[0].shape[0], self.preservation_batch):
+            texts = texts.to(ids.device)
+            pres_mask = preserve[1][texts]
+            length = int(pres_mask.sum(dim=1).max())  # the group's own padding only
+            args_p, kwargs_p, y_p = _layer_call(
+                module.handle.model, layer, preserve[0][texts, :length], pres_mask[:, :length]
+            )
+            keep_p = pres_mask[:, :length].bool()
+            groups.append((args_p, kwargs_p, y_p.float()[keep_p], keep_p))
+        next_group, weight = _cycling(groups), self.preservation_weight
+
+        def preservation_loss() -> torch.Tensor:
+            args_p, kwargs_p, y_p, keep_p = next_group()
+            return weight * F.mse_loss(hidden_of(layer(*args_p, **kwargs_p)).float()[keep_p], y_p)
+
+        return [
+            lambda: F.mse_loss(hidden_of(layer(*args_e, **kwargs_e)).float()[keep_e], target),
+            preservation_loss,
+        ]
+
+    def _mlp_terms(self, module: AnyEditModule, layer_index: int, edit, preserve) -> list:
+        """The MLP-scope loss terms on cached MLP inputs: the layer's output is its input plus its attention
+        (both fixed) plus the MLP's output, so the residual ``dz`` is added to the MLP's output."""
+        handle = module.handle
+        if any("post_feedforward" in n for n, _ in handle.layer(layer_index).named_children()):
+            raise WriterConfigError(
+                "scope='mlp' assumes the MLP's output is added to the residual stream, but this layer "
+                "normalises it first (post_feedforward_layernorm); use scope='layer'."
+            )
+        mlp = handle.model.get_submodule(handle.spec.down_proj_name(layer_index).rsplit(".", 1)[0])
+        ids, mask, rows, cols, dz = edit
+        x_e, y_e = _module_io(handle.model, mlp, ids, mask)
+        target = y_e.float().clone()
+        target[rows, cols] += dz
+        keep = mask.bool()
+        x_e, target = x_e[keep], target[keep]
+        x_p, y_p = _module_io(handle.model, mlp, *preserve)
+        keep = preserve[1].bool()
+        text_of_row = torch.arange(keep.shape[0], device=keep.device)[:, None].expand_as(keep)[keep]
+        x_p, y_p = x_p[keep], y_p[keep].float()
+        groups = [
+            torch.isin(text_of_row, texts.to(keep.device)).nonzero().squeeze(1)
+            for texts in _text_groups(keep.shape[0], self.preservation_batch)
+        ]
+        next_group, sample = _cycling(groups), self.preservation_positions
+        generator = torch.Generator().manual_seed(0)
+
+        def preservation_loss() -> torch.Tensor:
+            # a fresh seeded sample of the group's rows at every step: over the steps the fit sees them all
+            rows = next_group()
+            if sample is not None and sample < rows.shape[0]:
+                rows = rows[torch.randperm(rows.shape[0], generator=generator)[:sample].to(rows.device)]
+            return self.preservation_weight * F.mse_loss(hidden_of(mlp(x_p[rows])).float(), y_p[rows])
+
+        return [lambda: F.mse_loss(hidden_of(mlp(x_e)).float(), target), preservation_loss]
+
+    def _fit(self, tuned: Sequence[tuple[str, torch.nn.Parameter]], terms) -> None:
+        """AdamW on the ``tuned`` parameters, minimising the sum of the ``terms`` (each a function that
+        computes its weighted loss from the current weights); norms are not decayed."""
+        norms = [p for n, p in tuned if "norm" in n or "ln" in n]
+        decay = [p for n, p in tuned if not ("norm" in n or "ln" in n)]
+        originals = [p.requires_grad for _, p in tuned]
+        for _, p in tuned:
             p.requires_grad_(True)
         optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            [{"params": decay, "weight_decay": self.weight_decay}, {"params": norms, "weight_decay": 0.0}],
             lr=self.lr,
         )
         try:
             with torch.enable_grad():
                 for _ in range(self.steps):
                     optimizer.zero_grad()
-                    loss = sum(
-                        weight * F.mse_loss(hidden_of(layer(*args, **kwargs)).float()[keep], target[keep])
-                        for (args, kwargs, target, keep), weight in (
-                            (edit, 1.0),
-                            (preserve, self.preservation_weight),
-                        )
-                    )
+                    loss = sum(term() for term in terms)
                     loss.backward()
                     optimizer.step()
         finally:
-            for (_, p), flag in zip(named, originals):
+            for (_, p), flag in zip(tuned, originals):
                 p.requires_grad_(flag)
                 p.grad = None
