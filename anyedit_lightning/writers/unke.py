@@ -3,8 +3,9 @@ at the key positions while its outputs on generic text stay as they were."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
-from itertools import count, islice
+from itertools import islice
 from typing import TYPE_CHECKING
 
 import torch
@@ -66,7 +67,7 @@ def _text_groups(count: int, batch: int | None) -> list[torch.Tensor]:
 
 def _cycling(items: Sequence):
     """A function returning ``items`` in turn, round and round: one preservation group per step."""
-    turn = count()
+    turn = itertools.count()
     return lambda: items[next(turn) % len(items)]
 
 
