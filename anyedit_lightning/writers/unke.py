@@ -58,6 +58,19 @@ def _module_io(model, module, ids, mask) -> tuple[torch.Tensor, torch.Tensor]:
     return seen["x"], seen["y"]
 
 
+def _mlp_name(module: AnyEditModule, layer: int) -> str:
+    """The model's name of layer ``layer``'s MLP: the module holding its down projection."""
+    return module.handle.spec.down_proj_name(layer).rsplit(".", 1)[0]
+
+
+def _edit_target(y: torch.Tensor, edit) -> torch.Tensor:
+    """The outputs ``y`` on the edit sequences with the residual added at the keys, non-padding rows only."""
+    ids, mask, rows, cols, dz = edit
+    target = y.float().clone()
+    target[rows, cols] += dz
+    return target[mask.bool()]
+
+
 def _text_groups(count: int, batch: int | None) -> list[torch.Tensor]:
     """The preservation texts split into seeded groups of ``batch`` (one group of all when None)."""
     if batch is None or batch >= count:
@@ -160,8 +173,7 @@ class UnkeWrite(WeightWriter):
         names = [n for n, _ in module.handle.layer(layer).named_parameters()]
         if self.scope == "layer":
             return names
-        layer_prefix = module.handle.spec.layer(layer) + "."
-        mlp = module.handle.spec.down_proj_name(layer).removeprefix(layer_prefix).rsplit(".", 1)[0] + "."
+        mlp = _mlp_name(module, layer).removeprefix(module.handle.spec.layer(layer) + ".") + "."
         return [n for n in names if n.startswith(mlp)]
 
     def parameter_names(self, module: AnyEditModule) -> list[str]:
@@ -202,12 +214,9 @@ class UnkeWrite(WeightWriter):
     def _layer_terms(self, module: AnyEditModule, layer_index: int, edit, preserve) -> list:
         """The loss terms through the whole layer, called with the arguments the model gives it."""
         layer = module.handle.layer(layer_index)
-        ids, mask, rows, cols, dz = edit
+        ids, mask = edit[:2]
         args_e, kwargs_e, y_e = _layer_call(module.handle.model, layer, ids, mask)
-        target = y_e.float().clone()
-        target[rows, cols] += dz
-        keep_e = mask.bool()
-        target = target[keep_e]
+        keep_e, target = mask.bool(), _edit_target(y_e, edit)
         groups = []
         for texts in _text_groups(preserve[0].shape[0], self.preservation_batch):
             texts = texts.to(ids.device)
@@ -238,13 +247,9 @@ class UnkeWrite(WeightWriter):
                 "scope='mlp' assumes the MLP's output is added to the residual stream, but this layer "
                 "normalises it first (post_feedforward_layernorm); use scope='layer'."
             )
-        mlp = handle.model.get_submodule(handle.spec.down_proj_name(layer_index).rsplit(".", 1)[0])
-        ids, mask, rows, cols, dz = edit
-        x_e, y_e = _module_io(handle.model, mlp, ids, mask)
-        target = y_e.float().clone()
-        target[rows, cols] += dz
-        keep = mask.bool()
-        x_e, target = x_e[keep], target[keep]
+        mlp = handle.model.get_submodule(_mlp_name(module, layer_index))
+        x_e, y_e = _module_io(handle.model, mlp, *edit[:2])
+        x_e, target = x_e[edit[1].bool()], _edit_target(y_e, edit)
         x_p, y_p = _module_io(handle.model, mlp, *preserve)
         keep = preserve[1].bool()
         text_of_row = torch.arange(keep.shape[0], device=keep.device)[:, None].expand_as(keep)[keep]
