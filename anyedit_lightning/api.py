@@ -130,9 +130,15 @@ def edit_sequentially(
     anyedit: bool = True,
     stats: CovarianceStats | None = None,
     callback: Callable[[int, AnyEditModule], None] | None = None,
+    batch_size: int = 1,
     **kwargs: Any,
 ) -> list[EditPatch]:
     """Edit ``requests`` one after another into ``model`` (in place, each edit kept); one patch per edit.
+
+    ``batch_size`` requests go into each edit (one fit, one write). Every write records its requests in
+    the model's edit ledger, and UnKE's write (the default method) keeps the outputs earlier edits left
+    in the layer, so edits do not overwrite each other (docs/algorithm.md §4.6); so does calling
+    :func:`edit` again and again on the same model.
 
     MEMIT and AlphaEdit need the covariance statistics of the *unedited* model, so they are computed once,
     before the first edit (or taken from ``stats=``, which must then belong to ``model`` as it is now), and
@@ -153,6 +159,8 @@ def edit_sequentially(
     requests = list(requests)
     if not requests:
         raise ValueError("No edit requests were given.")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r}: give the number of requests per edit, 1 or more.")
     writer_kwargs = dict(kwargs.pop("writer_kwargs", None) or {})
     chosen = get_preset(kwargs.get("preset", "smollm2-135m-instruct"))
     method = method or chosen.method
@@ -178,12 +186,13 @@ def edit_sequentially(
             )
     patches: list[EditPatch] = []
     fingerprint = weights_fingerprint(model)
-    for i, request in enumerate(requests):
+    batches = [requests[i : i + batch_size] for i in range(0, len(requests), batch_size)]
+    for i, batch in enumerate(batches):
         extra = {"check_fingerprint": False} if covariance and i > 0 else {}
         module = edit(
             model,
             tokenizer,
-            [request],
+            batch,
             method=method,
             anyedit=anyedit,
             stats=stats,

@@ -1,4 +1,4 @@
-"""Command line: ``python -m anyedit_lightning {bench,grid,demo}`` (jsonargparse, dataclass configs).
+"""Command line: ``python -m anyedit_lightning {bench,grid,retention,demo}`` (jsonargparse, dataclass configs).
 
 Examples::
 
@@ -8,6 +8,7 @@ Examples::
     python -m anyedit_lightning bench --method unke --print_config > bench.yaml
     python -m anyedit_lightning grid --methods [memit,alphaedit,unke] --anyedit [false,true] \\
         --datasets [unkebench,akew] --include_unedited true --start 20 --limit 30 --out results/grid
+    python -m anyedit_lightning retention --dataset unkebench --start 20 --limit 30 --checkpoints [1,5,10,20,30]
     python -m anyedit_lightning demo
 
 ``--edit '{"layers": [3, 4], "v_steps": 10}'`` overrides the preset's ``EditConfig`` values and
@@ -29,6 +30,7 @@ from typing import Any
 
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
+from .evaluation.retention import RetentionConfig
 from .evaluation.runner import BenchConfig, GridConfig
 
 
@@ -42,7 +44,8 @@ def _config_parser(cls: type, description: str) -> ArgumentParser:
 
 
 def build_parser() -> ArgumentParser:
-    """The parser with ``bench``, ``grid`` and ``demo`` subcommands (``--print_config`` on the first two)."""
+    """The parser with ``bench``, ``grid``, ``retention`` and ``demo`` subcommands (``--print_config`` on all
+    but the demo)."""
     parser = ArgumentParser(
         prog="python -m anyedit_lightning",
         description="AnyEdit long-form knowledge editing on PyTorch Lightning: benchmarks and demo.",
@@ -59,6 +62,13 @@ def build_parser() -> ArgumentParser:
             GridConfig, "Every method × AnyEdit flag × dataset (plus the unedited model) into one folder."
         ),
         help="methods × AnyEdit × datasets, one combined table and plot",
+    )
+    subcommands.add_subcommand(
+        "retention",
+        _config_parser(
+            RetentionConfig, "Keep many edits in one model; after each, do all of them still work?"
+        ),
+        help="sequential or batch editing: retention of every edit so far, locality, seconds",
     )
     subcommands.add_subcommand(
         "demo", ArgumentParser(description="Edit the embedded model and show before/after."), help="the demo"
@@ -133,6 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     namespace = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .evaluation.retention import run_retention
     from .evaluation.runner import run_benchmark, run_grid
     from .models.loading import ModelLoadError
 
@@ -144,6 +155,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif command == "grid":
             config = to_config(GridConfig, namespace.grid)
             rows = run_grid(config)["results"]
+        elif command == "retention":
+            config = to_config(RetentionConfig, namespace.retention)
+            run_retention(config)
+            out = Path(config.out)
+            print((out / "retention.md").read_text())
+            print(f"Rows: {out / 'retention.jsonl'}\nPlot: {out / 'retention.png'}")
+            return 0
         else:  # pragma: no cover - "demo" is handled above
             return run_demo([])
     except (ValueError, FileNotFoundError, ModelLoadError) as error:

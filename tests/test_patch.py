@@ -71,6 +71,13 @@ def assert_patch_equal(a: EditPatch, b: EditPatch) -> None:
             assert torch.equal(fa.index, fb.index)
             assert torch.equal(fa.source, fb.source) and fa.source.dtype == fb.source.dtype
             assert torch.equal(fa.target, fb.target)
+    assert (a.ledger is None) == (b.ledger is None)
+    if a.ledger is not None:
+        assert (a.ledger.base, a.ledger.result) == (b.ledger.base, b.ledger.result)
+        assert all(torch.equal(x, y) for x, y in zip(a.ledger.sequences, b.ledger.sequences, strict=True))
+        assert sorted(a.ledger.outputs) == sorted(b.ledger.outputs)
+        for layer, outputs in a.ledger.outputs.items():
+            assert all(torch.equal(x, y) for x, y in zip(outputs, b.ledger.outputs[layer], strict=True))
 
 
 @pytest.fixture(scope="module", params=["llama", "gpt2"])
@@ -173,8 +180,11 @@ def test_patch_file_is_small(edited, tmp_path):
     path = edited.patch1.save(tmp_path / "p.safetensors")
     model_bytes = sum(v.numel() * v.element_size() for v in edited.base.values())
     edited_bytes = sum(edited.base[name].numel() * 4 for name in edited.patch1.deltas)
-    # at most float64 deltas of the edited down-projections (float32 plus fix-ups when that is smaller)
-    assert edited.patch1.size_bytes <= 2 * edited_bytes
+    # at most float64 deltas of the edited down-projections (float32 plus fix-ups when that is smaller),
+    # plus the edit's ledger entry: its token ids and the edited layers' outputs on them
+    ledger = edited.patch1.ledger
+    assert ledger is not None and ledger.nbytes > 0
+    assert edited.patch1.size_bytes - ledger.nbytes <= 2 * edited_bytes
     assert path.stat().st_size < edited.patch1.size_bytes + 16_000  # + the JSON header
     assert path.stat().st_size < model_bytes / 4
 

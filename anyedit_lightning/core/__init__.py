@@ -3,6 +3,7 @@
 from .checks import EditConfigError, WriterConfigError
 from .chunking import Chunk, FixedWindow, Semantic
 from .config import EditConfig
+from .ledger import EditLedger, LedgerEntry, ledger_of
 from .module import AnyEditModule, EditRecord
 from .optimize import DeltaOptimizer, NonFiniteError
 from .planning import RequestPlan, plan_requests
@@ -14,15 +15,18 @@ __all__ = [
     "DeltaOptimizer",
     "EditConfig",
     "EditConfigError",
+    "EditLedger",
     "EditRecord",
     "EditRequest",
     "FixedWindow",
+    "LedgerEntry",
     "NonFiniteError",
     "RequestError",
     "RequestPlan",
     "Semantic",
     "TokenizedRequest",
     "WriterConfigError",
+    "ledger_of",
     "plan_requests",
     "tokenize_request",
 ]

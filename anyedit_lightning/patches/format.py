@@ -14,6 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from ..core.ledger import LedgerEntry
 from .deltas import DIRECTIONS, FixUp
 
 FORMAT = "anyedit_lightning.EditPatch/1"
@@ -36,9 +37,11 @@ def write_patch_file(
     deltas: Mapping[str, torch.Tensor],
     fixups: Mapping[str, Mapping[str, FixUp]],
     metadata: Mapping[str, Any],
+    ledger: LedgerEntry | None = None,
 ) -> Path:
     """Write the file through a temporary one renamed at the end, so an interrupted save never leaves a
-    partial patch."""
+    partial patch. The ledger entry, if any, is stored as ``ledger.ids.{r}`` and ``ledger.out.{layer}.{r}``
+    tensors plus a ``ledger`` header (older readers ignore both)."""
     tensors: dict[str, torch.Tensor] = {}
     names = list(deltas)
     for i, name in enumerate(names):
@@ -49,6 +52,20 @@ def write_patch_file(
                 tensors[f"fixup.{direction}.{i}.source"] = fix.source.contiguous()
                 tensors[f"fixup.{direction}.{i}.target"] = fix.target.contiguous()
     dtypes = {n: str(param_dtype(deltas, fixups, n)).removeprefix("torch.") for n in names}
+    if ledger is not None:
+        for r, ids in enumerate(ledger.sequences):
+            tensors[f"ledger.ids.{r}"] = ids.contiguous()
+        for layer, outputs in ledger.outputs.items():
+            for r, out in enumerate(outputs):
+                tensors[f"ledger.out.{layer}.{r}"] = out.contiguous()
+        layers = sorted(ledger.outputs)
+        record = {
+            "requests": len(ledger.sequences),
+            "layers": layers,
+            "base": ledger.base,
+            "result": ledger.result,
+        }
+        metadata = {**metadata, "ledger": json.dumps(record)}
     header = {
         "format": FORMAT,
         "tensor_names": json.dumps(names),
@@ -109,7 +126,18 @@ def _fields(path: Path, header: dict[str, str]) -> dict[str, Any]:
             else:
                 empty = torch.empty(0, dtype=dtype)
                 fixups[name][direction] = FixUp(torch.empty(0, dtype=torch.int32), empty, empty.clone())
+    ledger = None
+    if "ledger" in header:
+        record = json.loads(header["ledger"])
+        count = range(record["requests"])
+        ledger = LedgerEntry(
+            sequences=[tensors[f"ledger.ids.{r}"] for r in count],
+            outputs={n: [tensors[f"ledger.out.{n}.{r}"] for r in count] for n in record["layers"]},
+            base=record["base"],
+            result=record["result"],
+        )
     return dict(
+        ledger=ledger,
         deltas=deltas,
         fixups=fixups,
         base_fingerprint=header["base_fingerprint"],

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ..core.ledger import LedgerEntry, ledger_of
 from ..models.fingerprint import weights_fingerprint
 from .deltas import (
     Direction,
@@ -109,6 +110,8 @@ class EditPatch:
         base_fingerprint / result_fingerprint: ``weights_fingerprint`` before / after the edit.
         library_version: ``anyedit_lightning.__version__`` that made the patch.
         timestamp: creation time, ISO 8601 UTC.
+        ledger: the edit's entry in the model's edit ledger (docs/algorithm.md §4.6), so that a model
+            rebuilt by applying patches keeps retaining their edits; None for patches made otherwise.
     """
 
     deltas: dict[str, torch.Tensor]
@@ -120,6 +123,7 @@ class EditPatch:
     requests: list[dict[str, Any]] = field(default_factory=list)
     library_version: str = ""
     timestamp: str = ""
+    ledger: LedgerEntry | None = None
 
     # ---- construction --------------------------------------------------------------------------------
     @classmethod
@@ -190,7 +194,7 @@ class EditPatch:
         writer = _writer_settings(module)
         if writer is not None:
             hyperparameters["writer"] = writer
-        return cls.between(
+        patch = cls.between(
             module.model,
             record.before,
             method=record.method,
@@ -199,12 +203,17 @@ class EditPatch:
             base_fingerprint=base_fingerprint,
             only_changed=False,
         )
+        entries = ledger_of(module.model).entries
+        if entries and entries[-1].result == patch.result_fingerprint:
+            patch.ledger = entries[-1]
+        return patch
 
     # ---- inspection ----------------------------------------------------------------------------------
     @property
     def size_bytes(self) -> int:
-        """Bytes of tensor data held (deltas and fix-ups); the file adds a small JSON header."""
+        """Bytes of tensor data held (deltas, fix-ups, ledger entry); the file adds a small JSON header."""
         total = sum(d.numel() * d.element_size() for d in self.deltas.values())
+        total += self.ledger.nbytes if self.ledger is not None else 0
         return total + sum(f.nbytes for per in self.fixups.values() for f in per.values())
 
     @property
@@ -234,7 +243,7 @@ class EditPatch:
 
         Written to a temporary file and renamed, so an interrupted save never leaves a partial patch.
         """
-        return write_patch_file(Path(path), self.deltas, self.fixups, self.metadata())
+        return write_patch_file(Path(path), self.deltas, self.fixups, self.metadata(), self.ledger)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> EditPatch:
@@ -250,6 +259,11 @@ class EditPatch:
         """
         self._check(model, "apply", force)
         write_deltas(model, self.deltas, self.fixups, "apply", None if force else self.result_fingerprint)
+        if not force:  # the model is now this patch's result: its ledger says so too
+            ledger = ledger_of(model)
+            ledger.sync(self.base_fingerprint)
+            if self.ledger is not None:
+                ledger.push(self.ledger)
 
     def revert(self, model: nn.Module, force: bool = False) -> None:
         """Undo the edit in ``model`` (in place), restoring the weights before it bit-exactly.
@@ -259,6 +273,8 @@ class EditPatch:
         """
         self._check(model, "revert", force)
         write_deltas(model, self.deltas, self.fixups, "revert", None if force else self.base_fingerprint)
+        if not force:
+            ledger_of(model).sync(self.base_fingerprint)
 
     def _check(self, model: nn.Module, direction: Direction, force: bool) -> None:
         tensors = named_tensors(model)

@@ -17,9 +17,11 @@ import torch
 
 from ..core.batching import pad_right
 from ..core.hooks import record_inputs, record_outputs
+from ..core.ledger import LedgerEntry, ledger_of
 from ..core.optimize import NonFiniteError
 from ..core.planning import RequestPlan
 from ..core.weights import restore, snapshot
+from ..models.fingerprint import weights_fingerprint
 from ..models.registry import ModelHandle
 
 if TYPE_CHECKING:
@@ -87,6 +89,21 @@ def collect_keys(
     return Keys(K=k_all[rows, cols], K_p=k_all[preserved], H=h_all[rows, cols], Z=Z)
 
 
+def ledger_entry(module: AnyEditModule, base: str) -> LedgerEntry:
+    """The ledger entry of the write just made: each request's ids and the written layers' outputs on them."""
+    handle, layers = module.handle, module.config.layers
+    seqs = [p.tokenized.ids for p in module.plans]
+    ids, mask = pad_right(seqs, module.pad_id, handle.device)
+    with torch.no_grad(), record_outputs({str(n): handle.layer(n) for n in layers}) as outs:
+        handle.model(input_ids=ids, attention_mask=mask, use_cache=False)
+    outputs = {
+        n: [outs.values[str(n)][row, : len(seq)].float().cpu() for row, seq in enumerate(seqs)]
+        for n in layers
+    }
+    sequences = [torch.tensor(seq, dtype=torch.long) for seq in seqs]
+    return LedgerEntry(sequences, outputs, base, weights_fingerprint(handle.model))
+
+
 def add_to_down_proj(handle: ModelHandle, layer: int, update: torch.Tensor) -> None:
     """``W_l += ΔW`` with ``ΔW`` given as ``d × m``, in the weight's own layout and dtype."""
     weight = handle.down_proj_weight(layer)
@@ -122,8 +139,14 @@ class WeightWriter(L.Callback):
         if not pl_module.ready_to_write:
             raise RuntimeError("The chunk optimisation did not finish; nothing was written.")
         names = self.parameter_names(pl_module)
+        # the ledger of the edits the model carries now (docs/algorithm.md §4.6), read by retaining writes
+        base = weights_fingerprint(pl_module.model)
+        ledger = ledger_of(pl_module.model)
+        ledger.sync(base)
         with atomic_update(pl_module.model, names) as before:
             self.write(pl_module)
+            entry = ledger_entry(pl_module, base)
+        ledger.push(entry)
         pl_module.record_write(self.name, before)
 
     def residual_layers(self, module: AnyEditModule) -> Iterator[tuple[int, int, Keys]]:

@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from ..core.batching import pad_right
-from ..core.checks import WriterConfigError, check_int, check_real
+from ..core.checks import WriterConfigError, check_bool, check_int, check_real
 from ..core.hooks import StopForward, hidden_of, removed_after, run_until
+from ..core.ledger import ledger_of
 from ..stats.corpus import WIKIPEDIA_CHAT, WIKIPEDIA_SAMPLE, wikipedia_chat, wikipedia_sample
 from .base import WeightWriter
 
@@ -116,6 +117,9 @@ class UnkeWrite(WeightWriter):
         scope: str = "layer",
         preservation_positions: int | None = None,
         preservation_batch: int | None = None,
+        retain: bool = True,
+        retention_batch: int | None = 8,
+        retention_weight: float = 1.0,
     ):
         """``preservation_corpus`` (``wikipedia-sample`` or ``wikipedia-chat``) supplies the default
         preservation texts; ``preservation_weight`` multiplies their loss against the edit's. ``scope``:
@@ -126,12 +130,18 @@ class UnkeWrite(WeightWriter):
         fit runs on the MLP alone, token by token; ``preservation_positions`` then draws that many preservation
         tokens at each step (a seeded sample, fresh per step; None: all of them), the main cost of the write
         (docs/algorithm.md §4.3). ``preservation_batch`` (either scope) uses that many preservation texts per
-        step, a different group each step in turn: the full objective in expectation at a fraction of the cost."""
+        step, a different group each step in turn: the full objective in expectation at a fraction of the cost.
+
+        ``retain``: also fit the outputs that earlier edits kept in this model left in the layer (the
+        model's edit ledger, docs/algorithm.md §4.6), ``retention_batch`` of their requests per step in
+        turn (None: all of them), their loss weighted ``retention_weight``; so edits made one after another
+        do not overwrite each other, at a cost per step that does not grow with their number."""
         self.lr, self.steps, self.weight_decay, self.scope = lr, steps, weight_decay, scope
         self.preservation_positions, self.preservation_batch = preservation_positions, preservation_batch
         self.preservation_texts = preservation_texts
         self.preservation_count, self.max_preservation_tokens = preservation_count, max_preservation_tokens
         self.preservation_corpus, self.preservation_weight = preservation_corpus, preservation_weight
+        self.retain, self.retention_batch, self.retention_weight = retain, retention_batch, retention_weight
         UnkeWrite.validate(self)
 
     def validate(self) -> None:
@@ -143,8 +153,11 @@ class UnkeWrite(WeightWriter):
         check_real("preservation_weight", self.preservation_weight, error=WriterConfigError)
         if self.scope not in ("layer", "mlp"):
             raise WriterConfigError(f"scope={self.scope!r}: use 'layer' or 'mlp'.")
-        if self.preservation_batch is not None:
-            check_int("preservation_batch", self.preservation_batch, 1, WriterConfigError)
+        for name in ("preservation_batch", "retention_batch"):
+            if getattr(self, name) is not None:
+                check_int(name, getattr(self, name), 1, WriterConfigError)
+        check_bool("retain", self.retain, error=WriterConfigError)
+        check_real("retention_weight", self.retention_weight, error=WriterConfigError)
         if self.preservation_positions is not None:
             check_int("preservation_positions", self.preservation_positions, 1, WriterConfigError)
             if self.scope != "mlp":
@@ -211,32 +224,48 @@ class UnkeWrite(WeightWriter):
             self._fit(tuned, terms)
             module.log_write(layer_index, residual=float(dz.norm(dim=-1).mean() * (q - i)), update=0.0)
 
+    def _retained(self, module: AnyEditModule, layer_index: int) -> list[tuple]:
+        """Groups ``(ids, mask, target)`` of the ledger's requests at this layer, ``retention_batch`` each;
+        ``target``: the layer's outputs on their non-padding tokens right after their own write."""
+        recorded = list(ledger_of(module.model).at_layer(layer_index)) if self.retain else []
+        device, groups = module.handle.device, []
+        for members in _text_groups(len(recorded), self.retention_batch) if recorded else []:
+            ids, mask = pad_right([recorded[m][0].tolist() for m in members], module.pad_id, device)
+            target = torch.cat([recorded[m][1] for m in members]).to(device)
+            groups.append((ids, mask, target))
+        return groups
+
     def _layer_terms(self, module: AnyEditModule, layer_index: int, edit, preserve) -> list:
         """The loss terms through the whole layer, called with the arguments the model gives it."""
-        layer = module.handle.layer(layer_index)
+        model, layer = module.handle.model, module.handle.layer(layer_index)
+
+        def through_layer(ids, mask, target=None):
+            args, kwargs, y = _layer_call(model, layer, ids, mask)
+            keep = mask.bool()
+            return args, kwargs, y.float()[keep] if target is None else target, keep
+
+        def cycled(groups, weight):
+            next_group = _cycling(groups)
+
+            def loss() -> torch.Tensor:
+                args, kwargs, target, keep = next_group()
+                return weight * F.mse_loss(hidden_of(layer(*args, **kwargs)).float()[keep], target)
+
+            return loss
+
         ids, mask = edit[:2]
-        args_e, kwargs_e, y_e = _layer_call(module.handle.model, layer, ids, mask)
-        keep_e, target = mask.bool(), _edit_target(y_e, edit)
+        args_e, kwargs_e, y_e = _layer_call(model, layer, ids, mask)
+        terms = [cycled([(args_e, kwargs_e, _edit_target(y_e, edit), mask.bool())], 1.0)]
         groups = []
         for texts in _text_groups(preserve[0].shape[0], self.preservation_batch):
-            texts = texts.to(ids.device)
-            pres_mask = preserve[1][texts]
+            pres_mask = preserve[1][texts.to(ids.device)]
             length = int(pres_mask.sum(dim=1).max())  # the group's own padding only
-            args_p, kwargs_p, y_p = _layer_call(
-                module.handle.model, layer, preserve[0][texts, :length], pres_mask[:, :length]
-            )
-            keep_p = pres_mask[:, :length].bool()
-            groups.append((args_p, kwargs_p, y_p.float()[keep_p], keep_p))
-        next_group, weight = _cycling(groups), self.preservation_weight
-
-        def preservation_loss() -> torch.Tensor:
-            args_p, kwargs_p, y_p, keep_p = next_group()
-            return weight * F.mse_loss(hidden_of(layer(*args_p, **kwargs_p)).float()[keep_p], y_p)
-
-        return [
-            lambda: F.mse_loss(hidden_of(layer(*args_e, **kwargs_e)).float()[keep_e], target),
-            preservation_loss,
-        ]
+            groups.append(through_layer(preserve[0][texts.to(ids.device), :length], pres_mask[:, :length]))
+        terms.append(cycled(groups, self.preservation_weight))
+        retained = [through_layer(*group) for group in self._retained(module, layer_index)]
+        if retained:
+            terms.append(cycled(retained, self.retention_weight))
+        return terms
 
     def _mlp_terms(self, module: AnyEditModule, layer_index: int, edit, preserve) -> list:
         """The MLP-scope loss terms on cached MLP inputs: the layer's output is its input plus its attention
@@ -268,7 +297,23 @@ class UnkeWrite(WeightWriter):
                 rows = rows[torch.randperm(rows.shape[0], generator=generator)[:sample].to(rows.device)]
             return self.preservation_weight * F.mse_loss(hidden_of(mlp(x_p[rows])).float(), y_p[rows])
 
-        return [lambda: F.mse_loss(hidden_of(mlp(x_e)).float(), target), preservation_loss]
+        terms = [lambda: F.mse_loss(hidden_of(mlp(x_e)).float(), target), preservation_loss]
+        retained = []
+        for ids, mask, wanted in self._retained(module, layer_index):
+            # the MLP's share of the recorded layer output: its output now plus what the layer lacks
+            x_r, y_r = _module_io(handle.model, mlp, ids, mask)
+            y_layer = _layer_call(handle.model, handle.layer(layer_index), ids, mask)[2]
+            keep_r = mask.bool()
+            retained.append((x_r[keep_r], y_r[keep_r].float() + wanted - y_layer[keep_r].float()))
+        if retained:
+            next_retained = _cycling(retained)
+
+            def retention_loss() -> torch.Tensor:
+                x_r, wanted = next_retained()
+                return self.retention_weight * F.mse_loss(hidden_of(mlp(x_r)).float(), wanted)
+
+            terms.append(retention_loss)
+        return terms
 
     def _fit(self, tuned: Sequence[tuple[str, torch.nn.Parameter]], terms) -> None:
         """AdamW on the ``tuned`` parameters, minimising the sum of the ``terms`` (each a function that

@@ -1,0 +1,113 @@
+"""The edit ledger: what each kept edit made the edited layers produce, so later writes keep it
+(docs/algorithm.md §4.6).
+
+Two edits written into the same layer overwrite each other: the second write fits its own text and
+generic text, never the first edit's. An entry records one write's token sequences and, per written
+layer, that layer's outputs on them right after the write; writers that retain (UnKE by default) fit
+those outputs again next to their own targets.
+
+The ledger lives on the model object (:func:`ledger_of`), so calling ``edit`` again and again on the same
+model retains earlier edits without any bookkeeping by the caller; patches carry their entry, so a saved
+chain of patches continues in another process. Each entry holds the weights fingerprints before and
+after its write, and :meth:`EditLedger.sync` cuts the ledger back to the model's current weights before
+use: a reverted edit (a patch revert, a restored snapshot) leaves the model at its entry's base, and the
+entries from there on no longer describe it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+ATTRIBUTE = "_anyedit_ledger"
+
+
+@dataclass
+class LedgerEntry:
+    """One write: per request its token ids, and per written layer the layer's outputs on them after it.
+
+    Attributes:
+        sequences: token ids per request, 1-D ``int64`` on CPU.
+        outputs: ``layer -> [outputs of request r, shape (len(sequences[r]), hidden)]``, float32 on CPU.
+        base / result: weights fingerprints of the model before and after the write.
+    """
+
+    sequences: list[torch.Tensor]
+    outputs: dict[int, list[torch.Tensor]]
+    base: str
+    result: str
+
+    @property
+    def nbytes(self) -> int:
+        held = [*self.sequences, *(o for per in self.outputs.values() for o in per)]
+        return sum(t.numel() * t.element_size() for t in held)
+
+
+class EditLedger:
+    """The entries of the edits a model carries, oldest first."""
+
+    def __init__(self, entries: list[LedgerEntry] | None = None):
+        self.entries: list[LedgerEntry] = list(entries or [])
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __repr__(self) -> str:
+        size = sum(e.nbytes for e in self.entries) / 1e6
+        return f"EditLedger(entries={len(self)}, size={size:.1f} MB)"
+
+    def sync(self, fingerprint: str) -> None:
+        """Keep only the entries that led to weights ``fingerprint``.
+
+        The model is either at an entry's result (keep up to it) or at an entry's base (an edit and
+        everything after it was reverted: keep the entries before it). Anything else means the weights
+        were changed outside the library, and the recorded outputs no longer belong to this model: the
+        ledger is emptied, with a warning.
+        """
+        for i in range(len(self.entries) - 1, -1, -1):
+            if self.entries[i].result == fingerprint:
+                del self.entries[i + 1 :]
+                return
+            if self.entries[i].base == fingerprint:
+                del self.entries[i:]
+                return
+        if self.entries:
+            log.warning(
+                "The model's weights match none of the %d edits in its ledger (changed outside anyedit?); "
+                "later edits will not retain them.",
+                len(self.entries),
+            )
+            self.entries.clear()
+
+    def push(self, entry: LedgerEntry) -> None:
+        if self.entries and self.entries[-1].result != entry.base:
+            raise ValueError(
+                "A ledger entry must start from the last entry's result; call sync(fingerprint) first."
+            )
+        self.entries.append(entry)
+
+    def pop(self, result: str) -> LedgerEntry | None:
+        """Remove and return the last entry if it produced ``result`` (an edit being reverted)."""
+        if self.entries and self.entries[-1].result == result:
+            return self.entries.pop()
+        return None
+
+    def at_layer(self, layer: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``(ids, outputs)`` of every recorded request whose write touched ``layer``, oldest first."""
+        for entry in self.entries:
+            yield from zip(entry.sequences, entry.outputs.get(layer, []))
+
+
+def ledger_of(model: nn.Module) -> EditLedger:
+    """The ledger kept on ``model`` (created empty the first time)."""
+    ledger = model.__dict__.get(ATTRIBUTE)
+    if ledger is None:
+        ledger = EditLedger()
+        model.__dict__[ATTRIBUTE] = ledger  # a plain attribute: not a submodule, not in the state dict
+    return ledger

@@ -1,0 +1,170 @@
+"""The edit ledger (docs/algorithm.md §4.6) on tiny models: retention, reverts, patches, the CLI."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+from tiny import build_tokenizer, tiny_model
+
+from anyedit_lightning import EditPatch, edit, edit_sequentially, weights_fingerprint
+from anyedit_lightning.core.hooks import record_outputs
+from anyedit_lightning.core.ledger import ledger_of
+from anyedit_lightning.core.requests import EditRequest
+from anyedit_lightning.models.registry import resolve_architecture
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+REQUESTS = [
+    EditRequest(
+        "Who is Ada Quill?", "Ada Quill is a glassblower from Vormund who built the first tide clock."
+    ),
+    EditRequest("What is Zorbl?", "Zorbl is a purple river that flows uphill every spring."),
+    EditRequest("Where is Kelmar?", "Kelmar is a town of bell makers on the north shore of Lake Osk."),
+]
+TEXTS = [
+    "The capital of France is Paris. The Eiffel Tower is in Paris, on the Seine.",
+    "Who wrote Hamlet? William Shakespeare wrote Hamlet; he was an English poet and playwright.",
+    "def add(a, b):\n    return a + b\n\nprint(add(2, 3))\n",
+]
+LAYER = 2
+#: A small, strong UnKE write on the tiny models (the preset's layer 12 does not exist there).
+EDIT = dict(
+    preset="smollm2-135m-instruct",
+    layers=[LAYER],
+    window=16,
+    v_steps=4,
+    trainer_kwargs=dict(enable_progress_bar=False, logger=False),
+)
+
+
+def writer(**overrides):
+    return {"preservation_texts": TEXTS, "steps": 30, "lr": 1e-2, **overrides}
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer()
+
+
+def layer_outputs(model, tok, ids: torch.Tensor) -> torch.Tensor:
+    handle = resolve_architecture(model)
+    with torch.no_grad(), record_outputs({"l": handle.layer(LAYER)}) as outs:
+        model(input_ids=ids[None], use_cache=False)
+    return outs.values["l"][0].float()
+
+
+def test_each_write_records_its_requests_and_outputs(tok):
+    model = tiny_model("llama")
+    base = weights_fingerprint(model)
+    edit(model, tok, REQUESTS[:2], method="unke", writer_kwargs=writer(steps=3), **EDIT)
+    (entry,) = ledger_of(model).entries
+    assert (entry.base, entry.result) == (base, weights_fingerprint(model))
+    assert len(entry.sequences) == 2 and list(entry.outputs) == [LAYER]
+    for ids, out in zip(entry.sequences, entry.outputs[LAYER]):
+        assert out.shape == (len(ids), model.config.hidden_size)
+        torch.testing.assert_close(out, layer_outputs(model, tok, ids), rtol=1e-5, atol=1e-5)
+
+
+def test_a_retaining_write_keeps_the_earlier_edit_in_the_layer(tok):
+    """The second edit moves the layer's outputs on the first edit's text far less when it retains."""
+    drift = {}
+    for retain in (False, True):
+        model = tiny_model("llama")
+        edit(model, tok, REQUESTS[0], method="unke", writer_kwargs=writer(retain=retain), **EDIT)
+        (entry,) = ledger_of(model).entries
+        edit(model, tok, REQUESTS[1], method="unke", writer_kwargs=writer(retain=retain), **EDIT)
+        after = layer_outputs(model, tok, entry.sequences[0])
+        recorded = entry.outputs[LAYER][0]
+        drift[retain] = float((after - recorded).norm() / recorded.norm())
+    assert drift[True] < drift[False] / 2, drift
+
+
+def test_reverts_and_restores_cut_the_ledger_back(tok):
+    model = tiny_model("llama")
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+    patches = edit_sequentially(
+        model, tok, REQUESTS[:2], method="unke", writer_kwargs=writer(steps=3), **EDIT
+    )
+    ledger = ledger_of(model)
+    assert [e.result for e in ledger.entries] == [p.result_fingerprint for p in patches]
+    patches[1].revert(model)
+    assert [e.result for e in ledger.entries] == [patches[0].result_fingerprint]
+    patches[0].revert(model)
+    assert len(ledger) == 0
+    assert all(torch.equal(p, original[n]) for n, p in model.named_parameters())  # bit-exact
+    # a snapshot restored by hand (as the benchmark loop does between records): the next edit notices
+    module = edit(model, tok, REQUESTS[0], method="unke", writer_kwargs=writer(steps=3), **EDIT)
+    with torch.no_grad():
+        for name, value in module.edit_record.before.items():
+            model.get_parameter(name).copy_(value)
+    edit(model, tok, REQUESTS[1], method="unke", writer_kwargs=writer(steps=3), **EDIT)
+    (entry,) = ledger.entries
+    assert entry.base == weights_fingerprint(tiny_model("llama"))
+
+
+def test_weights_changed_outside_the_library_empty_the_ledger(tok, caplog):
+    model = tiny_model("llama")
+    edit(model, tok, REQUESTS[0], method="unke", writer_kwargs=writer(steps=3), **EDIT)
+    with torch.no_grad():
+        model.get_parameter("lm_head.weight").mul_(1.01)
+    with caplog.at_level(logging.WARNING, logger="anyedit_lightning.core.ledger"):
+        edit(model, tok, REQUESTS[1], method="unke", writer_kwargs=writer(steps=3), **EDIT)
+    assert "match none of the 1 edits" in caplog.text
+    assert len(ledger_of(model)) == 1  # only the new edit
+
+
+def test_saved_patches_continue_the_chain_like_one_run(tok, tmp_path):
+    """Edit 3 requests in one run; or edit 2, save the patches, apply them to a fresh model (a new
+    process would), and edit the third: the same weights, bit for bit."""
+    one_run = tiny_model("llama")
+    edit_sequentially(one_run, tok, REQUESTS, method="unke", writer_kwargs=writer(steps=5), **EDIT)
+    first = tiny_model("llama")
+    patches = edit_sequentially(
+        first, tok, REQUESTS[:2], method="unke", writer_kwargs=writer(steps=5), **EDIT
+    )
+    paths = [p.save(tmp_path / f"edit{i}.safetensors") for i, p in enumerate(patches)]
+    resumed = tiny_model("llama")
+    for path in paths:
+        EditPatch.load(path).apply(resumed)
+    assert len(ledger_of(resumed)) == 2
+    edit_sequentially(resumed, tok, REQUESTS[2:], method="unke", writer_kwargs=writer(steps=5), **EDIT)
+    assert all(torch.equal(a, b) for a, b in zip(one_run.parameters(), resumed.parameters(), strict=True))
+
+
+def test_edit_sequentially_batches_requests(tok):
+    model = tiny_model("llama")
+    patches = edit_sequentially(
+        model, tok, REQUESTS, method="unke", batch_size=2, writer_kwargs=writer(steps=3), **EDIT
+    )
+    assert [len(p.requests) for p in patches] == [2, 1]
+    assert [len(e.sequences) for e in ledger_of(model).entries] == [2, 1]
+    with pytest.raises(ValueError, match="batch_size"):
+        edit_sequentially(model, tok, REQUESTS, method="unke", batch_size=0, **EDIT)
+
+
+def test_retention_command_writes_its_table(tok, tmp_path, monkeypatch):
+    from anyedit_lightning.evaluation import retention
+
+    data = tmp_path / "records.json"
+    data.write_text(json.dumps([{"question": r.prompt, "answer": r.target} for r in REQUESTS]))
+    monkeypatch.setattr(retention, "load_for", lambda config: (tiny_model("llama"), tok))
+    config = retention.RetentionConfig(
+        dataset=str(data),
+        split="all",
+        limit=3,
+        checkpoints=[1, 3],
+        max_new_tokens=8,
+        faithfulness=False,
+        edit={"layers": [LAYER], "window": 16, "v_steps": 2},
+        writer=writer(steps=2),
+        progress_bar=False,
+        out=str(tmp_path / "out"),
+    )
+    rows = retention.run_retention(config)
+    assert [r["edits"] for r in rows] == [1, 3] and len(rows[-1]["per_edit"]) == 3
+    assert all(0.0 <= r["rouge_l"] <= 1.0 for r in rows)
+    table = (tmp_path / "out" / "retention.md").read_text()
+    assert table.count("\n| ") == 3 and (tmp_path / "out" / "retention.png").stat().st_size > 0
