@@ -13,10 +13,11 @@ from tiny import build_tokenizer, poet_records, tiny_model
 import anyedit_lightning.evaluation.reference as reference_module
 from anyedit_lightning.core.module import EditRecord
 from anyedit_lightning.core.requests import EditRequest
+from anyedit_lightning.core.weights import weights_swapped
 from anyedit_lightning.evaluation.edit_report import EditReport, edit_report
 from anyedit_lightning.evaluation.faithfulness import FaithfulnessOptions
 from anyedit_lightning.evaluation.probes import cross_benchmark_questions, locality_prompts, nearest_prompts
-from anyedit_lightning.evaluation.reference import answers_cache_path, reference_answers, weights_swapped
+from anyedit_lightning.evaluation.reference import answers_cache_path, reference_answers
 from anyedit_lightning.metrics import (
     DEGENERATE_THRESHOLD,
     Fluency,

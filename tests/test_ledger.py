@@ -69,13 +69,15 @@ def test_each_write_records_its_requests_and_outputs(tok):
 
 
 def test_a_retaining_write_keeps_the_earlier_edit_in_the_layer(tok):
-    """The second edit moves the layer's outputs on the first edit's text far less when it retains."""
+    """The second edit moves the layer's outputs on the first edit's text far less when it retains
+    (preserving against the current layer, so that only the retention term differs)."""
     drift = {}
     for retain in (False, True):
         model = tiny_model("llama")
-        edit(model, tok, REQUESTS[0], method="unke", writer_kwargs=writer(retain=retain), **EDIT)
+        options = writer(retain=retain, preserve_original=False)
+        edit(model, tok, REQUESTS[0], method="unke", writer_kwargs=options, **EDIT)
         (entry,) = ledger_of(model).entries
-        edit(model, tok, REQUESTS[1], method="unke", writer_kwargs=writer(retain=retain), **EDIT)
+        edit(model, tok, REQUESTS[1], method="unke", writer_kwargs=options, **EDIT)
         after = layer_outputs(model, tok, entry.sequences[0])
         recorded = entry.outputs[LAYER][0]
         drift[retain] = float((after - recorded).norm() / recorded.norm())
@@ -168,3 +170,18 @@ def test_retention_command_writes_its_table(tok, tmp_path, monkeypatch):
     assert all(0.0 <= r["rouge_l"] <= 1.0 for r in rows)
     table = (tmp_path / "out" / "retention.md").read_text()
     assert table.count("\n| ") == 3 and (tmp_path / "out" / "retention.png").stat().st_size > 0
+
+
+def test_preservation_against_the_original_layer_stops_drift_adding_up(tok):
+    """Three kept edits: the layer's outputs on the preservation texts stay closer to the unedited
+    layer's when each write preserves against the ledger's anchor than against the current layer."""
+    ids = torch.tensor(tok(" ".join(TEXTS), add_special_tokens=False)["input_ids"][:48])
+    original = layer_outputs(tiny_model("llama"), tok, ids)
+    drift = {}
+    for anchored in (False, True):
+        model = tiny_model("llama")
+        options = writer(preserve_original=anchored, preservation_weight=4.0)
+        edit_sequentially(model, tok, REQUESTS, method="unke", writer_kwargs=options, **EDIT)
+        assert set(ledger_of(model).anchors()) == {n for n, _ in model.named_parameters() if ".2." in n}
+        drift[anchored] = float((layer_outputs(model, tok, ids) - original).norm() / original.norm())
+    assert drift[True] < drift[False] / 2, drift

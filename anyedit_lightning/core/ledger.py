@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -36,15 +36,20 @@ class LedgerEntry:
         sequences: token ids per request, 1-D ``int64`` on CPU.
         outputs: ``layer -> [outputs of request r, shape (len(sequences[r]), hidden)]``, float32 on CPU.
         base / result: weights fingerprints of the model before and after the write.
+        anchor: the values before this write of the parameters it was the first kept edit to touch, on
+            CPU; together the entries' anchors are the unedited values of every edited parameter. Taken
+            from the model when an entry is recorded or a patch applied, so patch files do not store it.
     """
 
     sequences: list[torch.Tensor]
     outputs: dict[int, list[torch.Tensor]]
     base: str
     result: str
+    anchor: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the recorded sequences and outputs (what a patch file stores; not the anchor)."""
         held = [*self.sequences, *(o for per in self.outputs.values() for o in per)]
         return sum(t.numel() * t.element_size() for t in held)
 
@@ -97,6 +102,14 @@ class EditLedger:
         if self.entries and self.entries[-1].result == result:
             return self.entries.pop()
         return None
+
+    def anchors(self) -> dict[str, torch.Tensor]:
+        """The unedited values of every parameter the kept edits changed (each from its first edit)."""
+        merged: dict[str, torch.Tensor] = {}
+        for entry in self.entries:
+            for name, value in entry.anchor.items():
+                merged.setdefault(name, value)
+        return merged
 
     def at_layer(self, layer: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """``(ids, outputs)`` of every recorded request whose write touched ``layer``, oldest first."""

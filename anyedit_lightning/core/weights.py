@@ -6,7 +6,8 @@ restores the model between edits) takes the same two steps; they live here so th
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 
 import torch
 
@@ -27,3 +28,15 @@ def restore(tensors: Mapping[str, torch.Tensor], saved: Mapping[str, torch.Tenso
     with torch.no_grad():
         for name, value in saved.items():
             tensors[name].copy_(value)
+
+
+@contextmanager
+def weights_swapped(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """Load ``tensors`` (parameter name -> value) into ``model`` inside the block; restore exactly after."""
+    params = dict(model.named_parameters())
+    saved = snapshot(params, tensors)
+    try:
+        restore(params, tensors)
+        yield
+    finally:
+        restore(params, saved)

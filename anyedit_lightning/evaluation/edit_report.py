@@ -16,12 +16,13 @@ from typing import Any
 
 import torch
 
+from ..core.weights import weights_swapped
 from ..metrics import rouge_l_recall
 from ..metrics.fluency import Fluency
 from ..metrics.subfacts import SubFactHits
 from .faithfulness import FaithfulnessOptions, FaithfulnessProbe
 from .generation import generate_batch
-from .reference import render, weights_swapped
+from .reference import render
 
 
 @dataclass

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..core.hooks import hidden_of
+from ..core.weights import weights_swapped
 from ..metrics.fluency import Fluency
 from ..metrics.forced import (
     DEFAULT_TOP_K,
@@ -56,7 +57,6 @@ from .reference import (
     reference_answers,
     render,
     template_prefix,
-    weights_swapped,
 )
 
 log = logging.getLogger(__name__)

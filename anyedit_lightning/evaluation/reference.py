@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,22 +27,6 @@ from .generation import generate_batch
 log = logging.getLogger(__name__)
 
 REFERENCE_TOKENS = 40
-
-
-@contextmanager
-def weights_swapped(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) -> Iterator[None]:
-    """Load ``tensors`` (parameter name -> value) into ``model`` inside the block; restore exactly after."""
-    params = dict(model.named_parameters())
-    saved = {name: params[name].detach().clone() for name in tensors}
-    try:
-        with torch.no_grad():
-            for name, value in tensors.items():
-                params[name].copy_(value)
-        yield
-    finally:
-        with torch.no_grad():
-            for name, value in saved.items():
-                params[name].copy_(value)
 
 
 @dataclass(frozen=True)

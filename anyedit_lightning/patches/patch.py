@@ -25,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -258,12 +259,16 @@ class EditPatch:
         adds the deltas to whatever weights the model has (not bit-exact, no guarantee it works).
         """
         self._check(model, "apply", force)
-        write_deltas(model, self.deltas, self.fixups, "apply", None if force else self.result_fingerprint)
-        if not force:  # the model is now this patch's result: its ledger says so too
-            ledger = ledger_of(model)
+        ledger, keep = ledger_of(model), not force and self.ledger is not None
+        if not force:
             ledger.sync(self.base_fingerprint)
-            if self.ledger is not None:
-                ledger.push(self.ledger)
+        anchored, params = ledger.anchors(), dict(model.named_parameters())
+        # the values this patch's edit is the first to change: the ledger's unedited anchor (not in files)
+        fresh = [n for n in self.deltas if keep and n in params and n not in anchored]
+        anchor = {n: params[n].detach().to("cpu", copy=True) for n in fresh}
+        write_deltas(model, self.deltas, self.fixups, "apply", None if force else self.result_fingerprint)
+        if keep:  # the model is now this patch's result: its ledger says so too
+            ledger.push(dataclasses.replace(self.ledger, anchor=anchor))
 
     def revert(self, model: nn.Module, force: bool = False) -> None:
         """Undo the edit in ``model`` (in place), restoring the weights before it bit-exactly.

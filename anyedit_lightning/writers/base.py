@@ -7,7 +7,7 @@ bit-exactly if anything fails (an exception, an interrupt, or a non-finite value
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -89,8 +89,9 @@ def collect_keys(
     return Keys(K=k_all[rows, cols], K_p=k_all[preserved], H=h_all[rows, cols], Z=Z)
 
 
-def ledger_entry(module: AnyEditModule, base: str) -> LedgerEntry:
-    """The ledger entry of the write just made: each request's ids and the written layers' outputs on them."""
+def ledger_entry(module: AnyEditModule, base: str, anchor: Mapping[str, torch.Tensor]) -> LedgerEntry:
+    """The ledger entry of the write just made: each request's ids and the written layers' outputs on
+    them; ``anchor``: the values before it of the parameters no earlier kept edit touched."""
     handle, layers = module.handle, module.config.layers
     seqs = [p.tokenized.ids for p in module.plans]
     ids, mask = pad_right(seqs, module.pad_id, handle.device)
@@ -101,7 +102,8 @@ def ledger_entry(module: AnyEditModule, base: str) -> LedgerEntry:
         for n in layers
     }
     sequences = [torch.tensor(seq, dtype=torch.long) for seq in seqs]
-    return LedgerEntry(sequences, outputs, base, weights_fingerprint(handle.model))
+    anchor = {name: value.detach().cpu() for name, value in anchor.items()}  # ``before`` is a copy already
+    return LedgerEntry(sequences, outputs, base, weights_fingerprint(handle.model), anchor)
 
 
 def add_to_down_proj(handle: ModelHandle, layer: int, update: torch.Tensor) -> None:
@@ -143,9 +145,10 @@ class WeightWriter(L.Callback):
         base = weights_fingerprint(pl_module.model)
         ledger = ledger_of(pl_module.model)
         ledger.sync(base)
+        anchored = ledger.anchors()
         with atomic_update(pl_module.model, names) as before:
             self.write(pl_module)
-            entry = ledger_entry(pl_module, base)
+            entry = ledger_entry(pl_module, base, {n: v for n, v in before.items() if n not in anchored})
         ledger.push(entry)
         pl_module.record_write(self.name, before)
 

@@ -15,6 +15,7 @@ from ..core.batching import pad_right
 from ..core.checks import WriterConfigError, check_bool, check_int, check_real
 from ..core.hooks import StopForward, hidden_of, removed_after, run_until
 from ..core.ledger import ledger_of
+from ..core.weights import weights_swapped
 from ..stats.corpus import WIKIPEDIA_CHAT, WIKIPEDIA_SAMPLE, wikipedia_chat, wikipedia_sample
 from .base import WeightWriter
 
@@ -120,6 +121,7 @@ class UnkeWrite(WeightWriter):
         retain: bool = True,
         retention_batch: int | None = 8,
         retention_weight: float = 1.0,
+        preserve_original: bool = True,
     ):
         """``preservation_corpus`` (``wikipedia-sample`` or ``wikipedia-chat``) supplies the default
         preservation texts; ``preservation_weight`` multiplies their loss against the edit's. ``scope``:
@@ -135,13 +137,17 @@ class UnkeWrite(WeightWriter):
         ``retain``: also fit the outputs that earlier edits kept in this model left in the layer (the
         model's edit ledger, docs/algorithm.md §4.6), ``retention_batch`` of their requests per step in
         turn (None: all of them), their loss weighted ``retention_weight``; so edits made one after another
-        do not overwrite each other, at a cost per step that does not grow with their number."""
+        do not overwrite each other, at a cost per step that does not grow with their number.
+        ``preserve_original``: the preservation texts' targets are the layer's outputs before the first
+        kept edit (the ledger's anchor), so that drift on unrelated text does not add up edit after edit;
+        False: the current layer's outputs (the authors'). The same for the first edit of a model."""
         self.lr, self.steps, self.weight_decay, self.scope = lr, steps, weight_decay, scope
         self.preservation_positions, self.preservation_batch = preservation_positions, preservation_batch
         self.preservation_texts = preservation_texts
         self.preservation_count, self.max_preservation_tokens = preservation_count, max_preservation_tokens
         self.preservation_corpus, self.preservation_weight = preservation_corpus, preservation_weight
         self.retain, self.retention_batch, self.retention_weight = retain, retention_batch, retention_weight
+        self.preserve_original = preserve_original
         UnkeWrite.validate(self)
 
     def validate(self) -> None:
@@ -157,6 +163,7 @@ class UnkeWrite(WeightWriter):
             if getattr(self, name) is not None:
                 check_int(name, getattr(self, name), 1, WriterConfigError)
         check_bool("retain", self.retain, error=WriterConfigError)
+        check_bool("preserve_original", self.preserve_original, error=WriterConfigError)
         check_real("retention_weight", self.retention_weight, error=WriterConfigError)
         if self.preservation_positions is not None:
             check_int("preservation_positions", self.preservation_positions, 1, WriterConfigError)
@@ -224,6 +231,12 @@ class UnkeWrite(WeightWriter):
             self._fit(tuned, terms)
             module.log_write(layer_index, residual=float(dz.norm(dim=-1).mean() * (q - i)), update=0.0)
 
+    def _preserved_weights(self, module: AnyEditModule):
+        """The weights the preservation targets come from: the unedited values of every parameter the
+        kept edits changed (``preserve_original``), else the current ones."""
+        anchors = ledger_of(module.model).anchors() if self.preserve_original else {}
+        return weights_swapped(module.model, anchors)
+
     def _retained(self, module: AnyEditModule, layer_index: int) -> list[tuple]:
         """Groups ``(ids, mask, target)`` of the ledger's requests at this layer, ``retention_batch`` each;
         ``target``: the layer's outputs on their non-padding tokens right after their own write."""
@@ -257,10 +270,12 @@ class UnkeWrite(WeightWriter):
         args_e, kwargs_e, y_e = _layer_call(model, layer, ids, mask)
         terms = [cycled([(args_e, kwargs_e, _edit_target(y_e, edit), mask.bool())], 1.0)]
         groups = []
-        for texts in _text_groups(preserve[0].shape[0], self.preservation_batch):
-            pres_mask = preserve[1][texts.to(ids.device)]
-            length = int(pres_mask.sum(dim=1).max())  # the group's own padding only
-            groups.append(through_layer(preserve[0][texts.to(ids.device), :length], pres_mask[:, :length]))
+        with self._preserved_weights(module):
+            for texts in _text_groups(preserve[0].shape[0], self.preservation_batch):
+                pres_mask = preserve[1][texts.to(ids.device)]
+                length = int(pres_mask.sum(dim=1).max())  # the group's own padding only
+                pres_ids = preserve[0][texts.to(ids.device), :length]
+                groups.append(through_layer(pres_ids, pres_mask[:, :length]))
         terms.append(cycled(groups, self.preservation_weight))
         retained = [through_layer(*group) for group in self._retained(module, layer_index)]
         if retained:
@@ -279,7 +294,8 @@ class UnkeWrite(WeightWriter):
         mlp = handle.model.get_submodule(_mlp_name(module, layer_index))
         x_e, y_e = _module_io(handle.model, mlp, *edit[:2])
         x_e, target = x_e[edit[1].bool()], _edit_target(y_e, edit)
-        x_p, y_p = _module_io(handle.model, mlp, *preserve)
+        with self._preserved_weights(module):
+            x_p, y_p = _module_io(handle.model, mlp, *preserve)
         keep = preserve[1].bool()
         text_of_row = torch.arange(keep.shape[0], device=keep.device)[:, None].expand_as(keep)[keep]
         x_p, y_p = x_p[keep], y_p[keep].float()
