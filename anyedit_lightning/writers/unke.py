@@ -121,7 +121,7 @@ class UnkeWrite(WeightWriter):
         retain: bool = True,
         retention_batch: int | None = 8,
         retention_weight: float = 1.0,
-        preserve_original: bool = True,
+        preserve_original: bool = False,
     ):
         """``preservation_corpus`` (``wikipedia-sample`` or ``wikipedia-chat``) supplies the default
         preservation texts; ``preservation_weight`` multiplies their loss against the edit's. ``scope``:
@@ -139,8 +139,9 @@ class UnkeWrite(WeightWriter):
         turn (None: all of them), their loss weighted ``retention_weight``; so edits made one after another
         do not overwrite each other, at a cost per step that does not grow with their number.
         ``preserve_original``: the preservation texts' targets are the layer's outputs before the first
-        kept edit (the ledger's anchor), so that drift on unrelated text does not add up edit after edit;
-        False: the current layer's outputs (the authors'). The same for the first edit of a model."""
+        kept edit (the ledger's anchor) instead of the current layer's (the authors'); meant to stop drift
+        on unrelated text adding up over many edits, it held the second of two kept edits back on the dev
+        records (docs/results/retention.md), so it is off by default. No difference for a first edit."""
         self.lr, self.steps, self.weight_decay, self.scope = lr, steps, weight_decay, scope
         self.preservation_positions, self.preservation_batch = preservation_positions, preservation_batch
         self.preservation_texts = preservation_texts
