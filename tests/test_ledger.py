@@ -167,6 +167,10 @@ def test_retention_command_writes_its_table(tok, tmp_path, monkeypatch):
     )
     rows = retention.run_retention(config)
     assert [r["edits"] for r in rows] == [1, 3] and len(rows[-1]["per_edit"]) == 3
+    assert (
+        len(rows[-1]["seconds_per_edit"]) == 3
+        and rows[-1]["seconds_per_edit"][-1] == rows[-1]["edit_seconds"]
+    )
     assert all(0.0 <= r["rouge_l"] <= 1.0 for r in rows)
     table = (tmp_path / "out" / "retention.md").read_text()
     assert table.count("\n| ") == 3 and (tmp_path / "out" / "retention.png").stat().st_size > 0

@@ -1,12 +1,13 @@
-"""The retention benchmark: do many kept edits all still work? (docs/algorithm.md §4.6, docs/results/retention.md)
+"""The retention benchmark: do many kept edits all still work? (docs/algorithm.md §4.6,
+docs/results/retention.md)
 
 ``sequential``: the records are edited one after another into one model (``batch_size`` requests per
 edit, each edit kept), and after each checkpoint every edited prompt so far is answered again.
 ``batch``: all records in one edit. Each checkpoint scores the mean ROUGE-L recall of all edits so far,
 the share of those answers that stop, the ROUGE-L of the first ten edits, locality agreement and KL on
 everyday prompts and on another benchmark's questions, the held-out perplexity ratio, and the seconds of
-the last edit. Rows go to ``<out>/retention.jsonl`` as they come; ``retention.md`` and ``retention.png``
-are redrawn after each.
+the last edit (and of each edit so far). Rows go to ``<out>/retention.jsonl`` as they come;
+``retention.md`` and ``retention.png`` are redrawn after each.
 
     python -m anyedit_lightning retention --dataset unkebench --start 20 --limit 30 --out results/retention
 """
@@ -100,12 +101,13 @@ def run_retention(config: RetentionConfig, model=None, tokenizer=None) -> list[d
         trainer_kwargs=dict(enable_progress_bar=config.progress_bar, logger=False),
         **config.edit,
     )
-    clock = {"last": time.perf_counter()}
+    clock, seconds = {"last": time.perf_counter()}, []
 
     def measure(done: int) -> None:
-        seconds = time.perf_counter() - clock["last"]
+        seconds.append(round(time.perf_counter() - clock["last"], 2))
         if config.checkpoints is None or done in config.checkpoints or done == len(requests):
-            row = {"edits": done, "mode": config.mode, "edit_seconds": round(seconds, 2)}
+            row = {"edits": done, "mode": config.mode, "edit_seconds": seconds[-1]}
+            row["seconds_per_edit"] = list(seconds)  # every edit so far, checkpoints or not
             with torch.no_grad():
                 row.update(answer_scores(model, tokenizer, requests[:done], config))
                 if probe is not None:
