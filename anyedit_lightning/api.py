@@ -17,6 +17,7 @@ from lightning.pytorch.loggers import CSVLogger
 from transformers import PreTrainedTokenizerBase
 
 from .core.checks import WriterConfigError
+from .core.ledger import unedited_weights
 from .core.lightning_utils import call_keeping_device, trainer_for
 from .core.module import AnyEditModule
 from .core.requests import EditRequest
@@ -141,15 +142,14 @@ def edit_sequentially(
     :func:`edit` again and again on the same model.
 
     MEMIT and AlphaEdit need the covariance statistics of the *unedited* model, so they are computed once,
-    before the first edit (or taken from ``stats=``, which must then belong to ``model`` as it is now), and
-    reused for every edit; only the first edit checks them against the weights fingerprint. ``kwargs`` go
+    before the first edit (or taken from ``stats=``, which must belong to ``model`` before its kept edits), and
+    reused for every edit; each write solves all kept edits again from the unedited weights. ``kwargs`` go
     to :func:`edit` (``preset``, ``trainer_kwargs``, ``writer_kwargs``, ``EditConfig`` fields, ...).
     ``callback(i, module)`` runs after edit ``i``. Patch ``i``'s base is patch ``i - 1``'s result, so
     ``for p in reversed(patches): p.revert(model)`` restores the original weights bit-exactly.
 
     If edit ``i`` fails it is rolled back and the exception propagates; edits ``0..i-1`` stay in the model.
-    A ``writer=`` instance is used as is for every edit: give a ``CovarianceWriter`` the base model's
-    ``stats`` and ``check_fingerprint=False`` yourself.
+    A ``writer=`` instance is used as is for every edit.
 
     Example:
         >>> patches = edit_sequentially(model, tok, requests, method="memit", layers=[3, 4, 5, 6, 7])
@@ -170,14 +170,15 @@ def edit_sequentially(
         layers = chosen.config(method, anyedit, **overrides).layers
         if stats is None:
             corpus = {"corpus": writer_kwargs.get("corpus", chosen.stats_corpus(method))}
-            stats = compute_covariance(
-                model,
-                tokenizer,
-                layers,
-                max_tokens=chosen.stats_tokens,
-                architecture=kwargs.get("architecture"),
-                **corpus,
-            )
+            with unedited_weights(model):
+                stats = compute_covariance(
+                    model,
+                    tokenizer,
+                    layers,
+                    max_tokens=chosen.stats_tokens,
+                    architecture=kwargs.get("architecture"),
+                    **corpus,
+                )
         missing = [layer for layer in layers if layer not in stats.matrices]
         if missing:
             raise ValueError(
@@ -188,7 +189,6 @@ def edit_sequentially(
     fingerprint = weights_fingerprint(model)
     batches = [requests[i : i + batch_size] for i in range(0, len(requests), batch_size)]
     for i, batch in enumerate(batches):
-        extra = {"check_fingerprint": False} if covariance and i > 0 else {}
         module = edit(
             model,
             tokenizer,
@@ -196,7 +196,7 @@ def edit_sequentially(
             method=method,
             anyedit=anyedit,
             stats=stats,
-            writer_kwargs={**writer_kwargs, **extra},
+            writer_kwargs=writer_kwargs,
             **kwargs,
         )
         patch = EditPatch.from_module(module, base_fingerprint=fingerprint)

@@ -357,7 +357,7 @@ def test_edit_sequentially(tiny_tokenizer, monkeypatch):
         return small_stats(model_, tokenizer_)
 
     def check(self, model_, fingerprint=None):
-        checks.append(weights_fingerprint(model_))
+        checks.append(fingerprint or weights_fingerprint(model_))
         return real_check(self, model_, fingerprint)
 
     monkeypatch.setattr(api_module, "compute_covariance", compute)
@@ -371,7 +371,7 @@ def test_edit_sequentially(tiny_tokenizer, monkeypatch):
     )
     assert real_compute is not compute
     assert seen_fps == [base_fp]  # statistics once, of the unedited model
-    assert checks == [base_fp]  # only the first edit checks them
+    assert checks == [base_fp] * 3  # every edit checks them against the unedited model (its ledger)
     assert len(patches) == 3 and all(isinstance(p, EditPatch) for p in patches)
     assert [i for i, _ in callbacks] == [0, 1, 2]
     assert [m.requests for _, m in callbacks] == [[r] for r in REQUESTS]

@@ -12,20 +12,59 @@ chain of patches continues in another process. Each entry holds the weights fing
 after its write, and :meth:`EditLedger.sync` cuts the ledger back to the model's current weights before
 use: a reverted edit (a patch revert, a restored snapshot) leaves the model at its entry's base, and the
 entries from there on no longer describe it.
+
+Closed-form writes (MEMIT, AlphaEdit) also record what they solved for (:class:`KeyFit`: each request's
+key positions and targets ``Z``), so a later write of the same kind solves all kept edits again, jointly,
+from the unedited weights: the batch write of every kept edit (docs/algorithm.md §4.6).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from ..models.fingerprint import weights_fingerprint
+from .weights import weights_swapped
+
 log = logging.getLogger(__name__)
 
 ATTRIBUTE = "_anyedit_ledger"
+
+
+@dataclass
+class KeyTargets:
+    """One request as a closed-form write sees it: token ids, key positions, and a target row per key."""
+
+    ids: list[int]
+    keys: list[int]
+    targets: torch.Tensor  # [len(keys), hidden]
+
+
+@dataclass
+class KeyFit:
+    """What a closed-form write solved for: per request the key positions and targets ``Z`` (float32,
+    on CPU) at ``z_layer``, and the settings a joint re-solve must share with it."""
+
+    method: str
+    layers: tuple[int, ...]
+    z_layer: int
+    preserve: bool
+    keys: list[torch.Tensor]
+    targets: list[torch.Tensor]
+
+    def solves_like(self, other: KeyFit) -> bool:
+        """Whether one joint solve can hold both writes (same method, layers, z-layer, preserved keys)."""
+        mine = (self.method, tuple(self.layers), self.z_layer, self.preserve)
+        return mine == (other.method, tuple(other.layers), other.z_layer, other.preserve)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.targets))
 
 
 @dataclass
@@ -39,6 +78,7 @@ class LedgerEntry:
         anchor: the values before this write of the parameters it was the first kept edit to touch, on
             CPU; together the entries' anchors are the unedited values of every edited parameter. Taken
             from the model when an entry is recorded or a patch applied, so patch files do not store it.
+        fit: for closed-form writes, the keys and targets solved for; ``None`` for others (UnKE).
     """
 
     sequences: list[torch.Tensor]
@@ -46,12 +86,23 @@ class LedgerEntry:
     base: str
     result: str
     anchor: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    fit: KeyFit | None = field(default=None, repr=False)
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the recorded sequences and outputs (what a patch file stores; not the anchor)."""
+        """Bytes of the recorded sequences, outputs and fit (what a patch file stores; not the anchor)."""
         held = [*self.sequences, *(o for per in self.outputs.values() for o in per)]
-        return sum(t.numel() * t.element_size() for t in held)
+        fit = self.fit.nbytes if self.fit is not None else 0
+        return sum(t.numel() * t.element_size() for t in held) + fit
+
+    def keyed(self) -> list[KeyTargets]:
+        """The fitted requests, for a joint re-solve (empty without a fit)."""
+        if self.fit is None:
+            return []
+        return [
+            KeyTargets(ids.tolist(), keys.tolist(), targets)
+            for ids, keys, targets in zip(self.sequences, self.fit.keys, self.fit.targets, strict=True)
+        ]
 
 
 class EditLedger:
@@ -111,6 +162,11 @@ class EditLedger:
                 merged.setdefault(name, value)
         return merged
 
+    def at_layers(self, layers: Iterable[int]) -> list[LedgerEntry]:
+        """The entries whose write touched any of ``layers``, oldest first."""
+        wanted = set(layers)
+        return [entry for entry in self.entries if wanted & set(entry.outputs)]
+
     def at_layer(self, layer: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """``(ids, outputs)`` of every recorded request whose write touched ``layer``, oldest first."""
         for entry in self.entries:
@@ -124,3 +180,20 @@ def ledger_of(model: nn.Module) -> EditLedger:
         ledger = EditLedger()
         model.__dict__[ATTRIBUTE] = ledger  # a plain attribute: not a submodule, not in the state dict
     return ledger
+
+
+def synced_ledger(model: nn.Module) -> EditLedger:
+    """``model``'s ledger cut back to its current weights (hashes the weights only if it has entries)."""
+    ledger = ledger_of(model)
+    if len(ledger):
+        ledger.sync(weights_fingerprint(model))
+    return ledger
+
+
+@contextmanager
+def unedited_weights(model: nn.Module) -> Iterator[EditLedger]:
+    """Inside the block, every parameter the model's kept edits changed is back at its unedited value
+    (the ledger's anchors), e.g. to compute the unedited model's statistics; restored exactly after."""
+    ledger = synced_ledger(model)
+    with weights_swapped(model, ledger.anchors()):
+        yield ledger

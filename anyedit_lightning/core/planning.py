@@ -15,6 +15,7 @@ from transformers import PreTrainedTokenizerBase
 
 from .chunking import Chunk, FixedWindow, Semantic, key_positions
 from .config import EditConfig
+from .ledger import KeyTargets
 from .requests import EditRequest, TokenizedRequest, tokenize_request
 
 
@@ -40,6 +41,10 @@ class RequestPlan:
     def targets(self) -> torch.Tensor:
         """``Z``: one row ``h_init + δ`` per chunk (docs/algorithm.md §3 step 5)."""
         return torch.stack([h + d for h, d in zip(self.h_init, self.deltas)])
+
+    def keyed(self) -> KeyTargets:
+        """This request as a closed-form write (and the edit ledger) sees it."""
+        return KeyTargets(list(self.tokenized.ids), self.keys, self.targets)
 
 
 def make_chunker(config: EditConfig) -> FixedWindow | Semantic:

@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ..core.ledger import LedgerEntry
+from ..core.ledger import KeyFit, LedgerEntry
 from .deltas import DIRECTIONS, FixUp
 
 FORMAT = "anyedit_lightning.EditPatch/1"
@@ -41,7 +41,8 @@ def write_patch_file(
 ) -> Path:
     """Write the file through a temporary one renamed at the end, so an interrupted save never leaves a
     partial patch. The ledger entry, if any, is stored as ``ledger.ids.{r}`` and ``ledger.out.{layer}.{r}``
-    tensors plus a ``ledger`` header (older readers ignore both)."""
+    tensors (a closed-form write's fit adds ``ledger.keys.{r}`` and ``ledger.z.{r}``) plus a ``ledger``
+    header (older readers ignore them)."""
     tensors: dict[str, torch.Tensor] = {}
     names = list(deltas)
     for i, name in enumerate(names):
@@ -59,12 +60,23 @@ def write_patch_file(
             for r, out in enumerate(outputs):
                 tensors[f"ledger.out.{layer}.{r}"] = out.contiguous()
         layers = sorted(ledger.outputs)
-        record = {
+        record: dict[str, Any] = {
             "requests": len(ledger.sequences),
             "layers": layers,
             "base": ledger.base,
             "result": ledger.result,
         }
+        if ledger.fit is not None:
+            fit = ledger.fit
+            for r, (keys, targets) in enumerate(zip(fit.keys, fit.targets, strict=True)):
+                tensors[f"ledger.keys.{r}"] = keys.contiguous()
+                tensors[f"ledger.z.{r}"] = targets.contiguous()
+            record["fit"] = {
+                "method": fit.method,
+                "layers": list(fit.layers),
+                "z_layer": fit.z_layer,
+                "preserve": fit.preserve,
+            }
         metadata = {**metadata, "ledger": json.dumps(record)}
     header = {
         "format": FORMAT,
@@ -130,11 +142,22 @@ def _fields(path: Path, header: dict[str, str]) -> dict[str, Any]:
     if "ledger" in header:
         record = json.loads(header["ledger"])
         count = range(record["requests"])
+        fit = record.get("fit")
+        if fit is not None:
+            fit = KeyFit(
+                method=fit["method"],
+                layers=tuple(fit["layers"]),
+                z_layer=fit["z_layer"],
+                preserve=fit["preserve"],
+                keys=[tensors[f"ledger.keys.{r}"] for r in count],
+                targets=[tensors[f"ledger.z.{r}"] for r in count],
+            )
         ledger = LedgerEntry(
             sequences=[tensors[f"ledger.ids.{r}"] for r in count],
             outputs={n: [tensors[f"ledger.out.{n}.{r}"] for r in count] for n in record["layers"]},
             base=record["base"],
             result=record["result"],
+            fit=fit,
         )
     return dict(
         ledger=ledger,

@@ -49,7 +49,7 @@ class AlphaEditWrite(CovarianceWriter):
         return self._projectors[layer].to(device)
 
     def write(self, module: AnyEditModule) -> None:
-        for layer, K, K_p, dz, residual in self.residual_solves(module):
+        for layer, K, K_p, dz, residual in self.residual_solves(module, self.requests_to_solve(module)):
             P = self.projector(layer, K.device)
             eye = torch.eye(P.shape[0], dtype=K.dtype, device=K.device)
             update = torch.linalg.solve(P @ (K.T @ K + K_p.T @ K_p) + self.l2 * eye, P @ K.T @ dz)

@@ -17,7 +17,7 @@ import torch
 
 from ..core.batching import pad_right
 from ..core.hooks import record_inputs, record_outputs
-from ..core.ledger import LedgerEntry, ledger_of
+from ..core.ledger import KeyFit, KeyTargets, LedgerEntry, ledger_of
 from ..core.optimize import NonFiniteError
 from ..core.planning import RequestPlan
 from ..core.weights import restore, snapshot
@@ -58,7 +58,7 @@ class Keys:
 
 def collect_keys(
     handle: ModelHandle,
-    plans: Sequence[RequestPlan],
+    requests: Sequence[RequestPlan | KeyTargets],
     layer: int,
     z_layer: int,
     preserve: bool,
@@ -70,7 +70,8 @@ def collect_keys(
     that is the prompt, so keys come from it alone (causal attention: nothing after a key changes it).
     """
     device = handle.device
-    seqs = [p.tokenized.ids if preserve else p.tokenized.ids[: max(p.keys) + 1] for p in plans]
+    keyed = [r.keyed() if isinstance(r, RequestPlan) else r for r in requests]
+    seqs = [r.ids if preserve else r.ids[: max(r.keys) + 1] for r in keyed]
     ids, mask = pad_right(seqs, pad_id, device)
     with (
         torch.no_grad(),
@@ -80,18 +81,21 @@ def collect_keys(
         handle.model(input_ids=ids, attention_mask=mask, use_cache=False)
     k_all, h_all = ins.values["k"].float(), outs.values["z"].float()
     is_key = torch.zeros_like(mask, dtype=torch.bool)
-    for row, plan in enumerate(plans):
-        is_key[row, plan.keys] = True
-    rows = torch.cat([torch.full((len(p.keys),), r, device=device) for r, p in enumerate(plans)])
-    cols = torch.cat([torch.as_tensor(p.keys, device=device) for p in plans])
+    for row, r in enumerate(keyed):
+        is_key[row, r.keys] = True
+    rows = torch.cat([torch.full((len(r.keys),), row, device=device) for row, r in enumerate(keyed)])
+    cols = torch.cat([torch.as_tensor(r.keys, device=device) for r in keyed])
     preserved = mask.bool() & ~is_key if preserve else torch.zeros_like(is_key)
-    Z = torch.cat([p.targets.to(device) for p in plans])
+    Z = torch.cat([r.targets.to(device=device, dtype=torch.float32) for r in keyed])
     return Keys(K=k_all[rows, cols], K_p=k_all[preserved], H=h_all[rows, cols], Z=Z)
 
 
-def ledger_entry(module: AnyEditModule, base: str, anchor: Mapping[str, torch.Tensor]) -> LedgerEntry:
+def ledger_entry(
+    module: AnyEditModule, base: str, anchor: Mapping[str, torch.Tensor], fit: KeyFit | None = None
+) -> LedgerEntry:
     """The ledger entry of the write just made: each request's ids and the written layers' outputs on
-    them; ``anchor``: the values before it of the parameters no earlier kept edit touched."""
+    them; ``anchor``: the values before it of the parameters no earlier kept edit touched; ``fit``: what
+    a closed-form write solved for."""
     handle, layers = module.handle, module.config.layers
     seqs = [p.tokenized.ids for p in module.plans]
     ids, mask = pad_right(seqs, module.pad_id, handle.device)
@@ -103,7 +107,7 @@ def ledger_entry(module: AnyEditModule, base: str, anchor: Mapping[str, torch.Te
     }
     sequences = [torch.tensor(seq, dtype=torch.long) for seq in seqs]
     anchor = {name: value.detach().cpu() for name, value in anchor.items()}  # ``before`` is a copy already
-    return LedgerEntry(sequences, outputs, base, weights_fingerprint(handle.model), anchor)
+    return LedgerEntry(sequences, outputs, base, weights_fingerprint(handle.model), anchor, fit)
 
 
 def add_to_down_proj(handle: ModelHandle, layer: int, update: torch.Tensor) -> None:
@@ -130,6 +134,10 @@ class WeightWriter(L.Callback):
     def write(self, module: AnyEditModule) -> None:
         raise NotImplementedError
 
+    def fit_record(self, module: AnyEditModule) -> KeyFit | None:
+        """What the ledger keeps of this write for later joint re-solves (closed-form writers only)."""
+        return None
+
     def validate(self) -> None:
         """Raise ``WriterConfigError`` for a setting of the wrong type or out of range (before any write)."""
 
@@ -148,15 +156,19 @@ class WeightWriter(L.Callback):
         anchored = ledger.anchors()
         with atomic_update(pl_module.model, names) as before:
             self.write(pl_module)
-            entry = ledger_entry(pl_module, base, {n: v for n, v in before.items() if n not in anchored})
+            first = {n: v for n, v in before.items() if n not in anchored}
+            entry = ledger_entry(pl_module, base, first, self.fit_record(pl_module))
         ledger.push(entry)
         pl_module.record_write(self.name, before)
 
-    def residual_layers(self, module: AnyEditModule) -> Iterator[tuple[int, int, Keys]]:
-        """For ``l = r_1..r_q``: ``(i, l, keys)`` with keys collected on the model as updated so far."""
-        config = module.config
+    def residual_layers(
+        self, module: AnyEditModule, requests: Sequence[RequestPlan | KeyTargets] | None = None
+    ) -> Iterator[tuple[int, int, Keys]]:
+        """For ``l = r_1..r_q``: ``(i, l, keys)`` with keys collected on the model as updated so far, over
+        ``requests`` (default: the module's plans)."""
+        config, requests = module.config, module.plans if requests is None else requests
         for i, layer in enumerate(config.layers):
             keys = collect_keys(
-                module.handle, module.plans, layer, config.z_layer, config.use_preserved_keys, module.pad_id
+                module.handle, requests, layer, config.z_layer, config.use_preserved_keys, module.pad_id
             )
             yield i, layer, keys
