@@ -12,7 +12,6 @@ rank 0 merges the rank files after a barrier.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -26,9 +25,8 @@ from tqdm.auto import tqdm
 from .. import api
 from ..core.module import AnyEditModule
 from ..core.requests import EditRequest
-from ..models.fingerprint import weights_fingerprint
 from ..stats.covariance import CovarianceStats
-from .config import COVARIANCE_METHODS, BenchConfig, resolved, settings_hash
+from .config import BenchConfig, resolved, settings_hash
 from .scoring import RecordScorer, build_record, faithful_record, generate_answers
 from .store import PREDICTIONS, PredictionWriter, merge_rank_files, prediction_files, read_records, record_key
 
@@ -183,12 +181,9 @@ class BenchmarkLoop:
 
     def _edit(self, requests: list[EditRequest]) -> AnyEditModule:
         """The one ``Trainer.fit`` of this batch's edit (:func:`anyedit_lightning.api.edit`)."""
+        # the unedited model's statistics serve every edit: once edits are kept, the writers check them
+        # against the weights before the first kept edit (the model's edit ledger)
         stats = self.stats
-        if self.config.sequential and stats is not None and self.config.method in COVARIANCE_METHODS:
-            # Sequential MEMIT/AlphaEdit use the *unedited* model's C for every edit (the statistics are
-            # of generic text, not of the edits), but the writers check the weights fingerprint: tell
-            # them these statistics are meant for the current weights.
-            stats = dataclasses.replace(stats, fingerprint=weights_fingerprint(self.model))
         with torch.inference_mode(False), torch.enable_grad():
             return api.edit(
                 self.model,
