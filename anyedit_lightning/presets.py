@@ -73,6 +73,7 @@ SMOLLM2_135M = Preset(
             "max_preservation_tokens": 256,
             "preservation_weight": 4.0,
             "preservation_batch": 10,
+            "steps_per_request": 40,
         },
     },
     stats_tokens=100_000,

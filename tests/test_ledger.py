@@ -325,3 +325,22 @@ def test_a_closed_form_write_over_another_methods_edit_warns(tok, unedited_stats
             **CLOSED,
         )
     assert "cannot solve them again" in caplog.text
+
+
+def test_unke_takes_more_steps_for_a_batch_write(tok, monkeypatch):
+    from anyedit_lightning.writers.unke import UnkeWrite
+
+    steps, real = [], UnkeWrite._fit
+    monkeypatch.setattr(
+        UnkeWrite, "_fit", lambda self, t, terms, n: steps.append(n) or real(self, t, terms, n)
+    )
+    for requests in (REQUESTS[:1], REQUESTS):
+        edit(
+            tiny_model("llama"),
+            tok,
+            requests,
+            method="unke",
+            writer_kwargs=writer(steps=2, steps_per_request=3),
+            **EDIT,
+        )
+    assert steps == [2, 2 + 3 * 2]

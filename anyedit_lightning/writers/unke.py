@@ -122,6 +122,7 @@ class UnkeWrite(WeightWriter):
         retention_batch: int | None = 8,
         retention_weight: float = 1.0,
         preserve_original: bool = False,
+        steps_per_request: int = 0,
     ):
         """``preservation_corpus`` (``wikipedia-sample`` or ``wikipedia-chat``) supplies the default
         preservation texts; ``preservation_weight`` multiplies their loss against the edit's. ``scope``:
@@ -141,19 +142,23 @@ class UnkeWrite(WeightWriter):
         ``preserve_original``: the preservation texts' targets are the layer's outputs before the first
         kept edit (the ledger's anchor) instead of the current layer's (the authors'); meant to stop drift
         on unrelated text adding up over many edits, it held the second of two kept edits back on the dev
-        records (docs/results/retention.md), so it is off by default. No difference for a first edit."""
+        records (docs/results/retention.md), so it is off by default. No difference for a first edit.
+
+        ``steps_per_request``: extra steps for each request beyond the first in one write (a batch edit),
+        whose fit has that many more targets to reach in the same layer."""
         self.lr, self.steps, self.weight_decay, self.scope = lr, steps, weight_decay, scope
         self.preservation_positions, self.preservation_batch = preservation_positions, preservation_batch
         self.preservation_texts = preservation_texts
         self.preservation_count, self.max_preservation_tokens = preservation_count, max_preservation_tokens
         self.preservation_corpus, self.preservation_weight = preservation_corpus, preservation_weight
         self.retain, self.retention_batch, self.retention_weight = retain, retention_batch, retention_weight
-        self.preserve_original = preserve_original
+        self.preserve_original, self.steps_per_request = preserve_original, steps_per_request
         UnkeWrite.validate(self)
 
     def validate(self) -> None:
         check_real("lr", self.lr, error=WriterConfigError)
         check_int("steps", self.steps, 1, WriterConfigError)
+        check_int("steps_per_request", self.steps_per_request, 0, WriterConfigError)
         check_real("weight_decay", self.weight_decay, inclusive=True, error=WriterConfigError)
         check_int("preservation_count", self.preservation_count, 1, WriterConfigError)
         check_int("max_preservation_tokens", self.max_preservation_tokens, 1, WriterConfigError)
@@ -229,7 +234,7 @@ class UnkeWrite(WeightWriter):
             tuned = [(n, p) for n, p in layer.named_parameters() if n in wanted]
             make_terms = self._mlp_terms if self.scope == "mlp" else self._layer_terms
             terms = make_terms(module, layer_index, (ids, mask, rows, cols, dz), (pres_ids, pres_mask))
-            self._fit(tuned, terms)
+            self._fit(tuned, terms, self.steps + self.steps_per_request * (len(module.plans) - 1))
             module.log_write(layer_index, residual=float(dz.norm(dim=-1).mean() * (q - i)), update=0.0)
 
     def _preserved_weights(self, module: AnyEditModule):
@@ -332,9 +337,9 @@ class UnkeWrite(WeightWriter):
             terms.append(retention_loss)
         return terms
 
-    def _fit(self, tuned: Sequence[tuple[str, torch.nn.Parameter]], terms) -> None:
-        """AdamW on the ``tuned`` parameters, minimising the sum of the ``terms`` (each a function that
-        computes its weighted loss from the current weights); norms are not decayed."""
+    def _fit(self, tuned: Sequence[tuple[str, torch.nn.Parameter]], terms, steps: int) -> None:
+        """``steps`` of AdamW on the ``tuned`` parameters, minimising the sum of the ``terms`` (each a
+        function that computes its weighted loss from the current weights); norms are not decayed."""
         norms = [p for n, p in tuned if "norm" in n or "ln" in n]
         decay = [p for n, p in tuned if not ("norm" in n or "ln" in n)]
         originals = [p.requires_grad for _, p in tuned]
@@ -346,7 +351,7 @@ class UnkeWrite(WeightWriter):
         )
         try:
             with torch.enable_grad():
-                for _ in range(self.steps):
+                for _ in range(steps):
                     optimizer.zero_grad()
                     loss = sum(term() for term in terms)
                     loss.backward()
