@@ -344,3 +344,20 @@ def test_unke_takes_more_steps_for_a_batch_write(tok, monkeypatch):
             **EDIT,
         )
     assert steps == [2, 2 + 3 * 2]
+
+
+def test_unke_refit_starts_from_the_unedited_layer_and_counts_kept_requests(tok, monkeypatch):
+    from anyedit_lightning.writers.unke import UnkeWrite
+
+    model, seen, real = tiny_model("llama"), [], UnkeWrite._fit
+    unedited = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def spy(self, tuned, terms, steps):
+        seen.append((steps, all(torch.equal(p, unedited[f"model.layers.{LAYER}.{n}"]) for n, p in tuned)))
+        return real(self, tuned, terms, steps)
+
+    monkeypatch.setattr(UnkeWrite, "_fit", spy)
+    options = writer(steps=2, steps_per_request=3, refit=True)
+    edit_sequentially(model, tok, REQUESTS, method="unke", batch_size=2, writer_kwargs=options, **EDIT)
+    assert seen == [(2 + 3, True), (2 + 3 * 2, True)]  # the second write: 1 new + 2 kept requests
+    assert not all(torch.equal(p, unedited[n]) for n, p in model.named_parameters())

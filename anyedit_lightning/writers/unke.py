@@ -15,7 +15,7 @@ from ..core.batching import pad_right
 from ..core.checks import WriterConfigError, check_bool, check_int, check_real
 from ..core.hooks import StopForward, hidden_of, removed_after, run_until
 from ..core.ledger import ledger_of
-from ..core.weights import weights_swapped
+from ..core.weights import restore, weights_swapped
 from ..stats.corpus import WIKIPEDIA_CHAT, WIKIPEDIA_SAMPLE, wikipedia_chat, wikipedia_sample
 from .base import WeightWriter
 
@@ -123,6 +123,7 @@ class UnkeWrite(WeightWriter):
         retention_weight: float = 1.0,
         preserve_original: bool = False,
         steps_per_request: int = 0,
+        refit: bool = False,
     ):
         """``preservation_corpus`` (``wikipedia-sample`` or ``wikipedia-chat``) supplies the default
         preservation texts; ``preservation_weight`` multiplies their loss against the edit's. ``scope``:
@@ -145,7 +146,10 @@ class UnkeWrite(WeightWriter):
         records (docs/results/retention.md), so it is off by default. No difference for a first edit.
 
         ``steps_per_request``: extra steps for each request beyond the first in one write (a batch edit),
-        whose fit has that many more targets to reach in the same layer."""
+        whose fit has that many more targets to reach in the same layer. ``refit``: with kept edits in the
+        layer, start the fit from the layer's unedited weights (the ledger's anchors) and fit every kept
+        request (its recorded outputs) with the new ones, as one batch write would, instead of fitting on
+        top of the current weights; the steps then count the kept requests too."""
         self.lr, self.steps, self.weight_decay, self.scope = lr, steps, weight_decay, scope
         self.preservation_positions, self.preservation_batch = preservation_positions, preservation_batch
         self.preservation_texts = preservation_texts
@@ -153,6 +157,7 @@ class UnkeWrite(WeightWriter):
         self.preservation_corpus, self.preservation_weight = preservation_corpus, preservation_weight
         self.retain, self.retention_batch, self.retention_weight = retain, retention_batch, retention_weight
         self.preserve_original, self.steps_per_request = preserve_original, steps_per_request
+        self.refit = refit
         UnkeWrite.validate(self)
 
     def validate(self) -> None:
@@ -169,6 +174,7 @@ class UnkeWrite(WeightWriter):
             if getattr(self, name) is not None:
                 check_int(name, getattr(self, name), 1, WriterConfigError)
         check_bool("retain", self.retain, error=WriterConfigError)
+        check_bool("refit", self.refit, error=WriterConfigError)
         check_bool("preserve_original", self.preserve_original, error=WriterConfigError)
         check_real("retention_weight", self.retention_weight, error=WriterConfigError)
         if self.preservation_positions is not None:
@@ -217,6 +223,15 @@ class UnkeWrite(WeightWriter):
 
     def write(self, module: AnyEditModule) -> None:
         handle, q = module.handle, len(module.config.layers)
+        steps = self.steps + self.steps_per_request * (len(module.plans) - 1)
+        kept = ledger_of(module.model).at_layers(module.config.layers) if self.retain else []
+        if self.refit and kept:
+            anchors = ledger_of(module.model).anchors()
+            restore(
+                dict(module.model.named_parameters()),
+                {n: anchors[n] for n in self.parameter_names(module) if n in anchors},
+            )
+            steps += self.steps_per_request * sum(len(entry.sequences) for entry in kept)
         pres = [
             module.tokenizer(t, add_special_tokens=False)["input_ids"][: self.max_preservation_tokens]
             for t in self.preservation_texts
@@ -234,7 +249,7 @@ class UnkeWrite(WeightWriter):
             tuned = [(n, p) for n, p in layer.named_parameters() if n in wanted]
             make_terms = self._mlp_terms if self.scope == "mlp" else self._layer_terms
             terms = make_terms(module, layer_index, (ids, mask, rows, cols, dz), (pres_ids, pres_mask))
-            self._fit(tuned, terms, self.steps + self.steps_per_request * (len(module.plans) - 1))
+            self._fit(tuned, terms, steps)
             module.log_write(layer_index, residual=float(dz.norm(dim=-1).mean() * (q - i)), update=0.0)
 
     def _preserved_weights(self, module: AnyEditModule):
