@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..models.fingerprint import weights_fingerprint
-from .weights import weights_swapped
+from .weights import restore, weights_swapped
 
 log = logging.getLogger(__name__)
 
@@ -197,3 +197,10 @@ def unedited_weights(model: nn.Module) -> Iterator[EditLedger]:
     ledger = synced_ledger(model)
     with weights_swapped(model, ledger.anchors()):
         yield ledger
+
+
+def reset_to_anchors(model: nn.Module, names: Iterable[str]) -> None:
+    """Put each of ``names`` that a kept edit changed back at its unedited value (the ledger's anchor),
+    for a write that fits the kept edits again from there."""
+    anchors = ledger_of(model).anchors()
+    restore(dict(model.named_parameters()), {n: anchors[n] for n in names if n in anchors})

@@ -9,9 +9,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..core.checks import WriterConfigError, check_bool, check_int, check_real
-from ..core.ledger import KeyFit, KeyTargets, ledger_of, unedited_weights
+from ..core.ledger import KeyFit, KeyTargets, ledger_of, reset_to_anchors, unedited_weights
 from ..core.planning import RequestPlan
-from ..core.weights import restore
 from ..stats.covariance import CovarianceStats, compute_covariance
 from .base import WeightWriter, add_to_down_proj
 
@@ -112,7 +111,7 @@ class CovarianceWriter(WeightWriter):
                 self.name,
             )
             return list(module.plans)
-        restore(dict(module.model.named_parameters()), {n: anchors[n] for n in names})
+        reset_to_anchors(module.model, names)
         return [*(r for entry in kept for r in entry.keyed()), *module.plans]
 
     def residual_solves(

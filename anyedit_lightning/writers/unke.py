@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from ..core.batching import pad_right
 from ..core.checks import WriterConfigError, check_bool, check_int, check_real
 from ..core.hooks import StopForward, hidden_of, removed_after, run_until
-from ..core.ledger import ledger_of
-from ..core.weights import restore, weights_swapped
+from ..core.ledger import ledger_of, reset_to_anchors
+from ..core.weights import weights_swapped
 from ..stats.corpus import WIKIPEDIA_CHAT, WIKIPEDIA_SAMPLE, wikipedia_chat, wikipedia_sample
 from .base import WeightWriter
 
@@ -226,11 +226,7 @@ class UnkeWrite(WeightWriter):
         steps = self.steps + self.steps_per_request * (len(module.plans) - 1)
         kept = ledger_of(module.model).at_layers(module.config.layers) if self.retain else []
         if self.refit and kept:
-            anchors = ledger_of(module.model).anchors()
-            restore(
-                dict(module.model.named_parameters()),
-                {n: anchors[n] for n in self.parameter_names(module) if n in anchors},
-            )
+            reset_to_anchors(module.model, self.parameter_names(module))
             steps += self.steps_per_request * sum(len(entry.sequences) for entry in kept)
         pres = [
             module.tokenizer(t, add_special_tokens=False)["input_ids"][: self.max_preservation_tokens]
