@@ -17,9 +17,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def dev_requests(count: int, min_tokens: int, tokenizer) -> list[EditRequest]:
     """EditEverything dev records (first 20) cut to about ``min_tokens`` tokens at a sentence end."""
-    records = json.loads((ROOT / "data" / "editevery.json").read_text())[:20]
-    out = []
-    for record in records:
+    return requests_of_length(count, min_tokens, tokenizer, range(20))
+
+
+def requests_of_length(count: int, min_tokens: int, tokenizer, positions: range) -> list[EditRequest]:
+    """The first ``count`` EditEverything records at ``positions`` (dev: 0-19, test: from 20) whose answer
+    has at least ``min_tokens`` tokens, cut to about that many at a sentence end."""
+    records = json.loads((ROOT / "data" / "editevery.json").read_text())
+    out: list[EditRequest] = []
+    for position in positions if count > 0 else ():
+        if position >= len(records):
+            break
+        record = records[position]
         ids = tokenizer(record["answer"], add_special_tokens=False)["input_ids"]
         if len(ids) < min_tokens:
             continue
@@ -27,7 +36,11 @@ def dev_requests(count: int, min_tokens: int, tokenizer) -> list[EditRequest]:
         cut = max(text.rfind(". "), text.rfind(".\n"), text.rfind("\n"))
         # End on a sentence or line when that keeps most of the text, else at the token budget.
         out.append(
-            EditRequest(record["question"], text[: cut + 1].strip() if cut > 0.8 * len(text) else text)
+            EditRequest(
+                record["question"],
+                text[: cut + 1].strip() if cut > 0.8 * len(text) else text,
+                extra={"index": position, "benchmark": "editeverything"},
+            )
         )
         if len(out) == count:
             break
@@ -87,6 +100,32 @@ def fictional_requests() -> list[EditRequest]:
     """The three fictional long-form edits of the end-to-end test (data/fictional_edits.json)."""
     records = json.loads((ROOT / "data" / "fictional_edits.json").read_text(encoding="utf-8"))["records"]
     return [EditRequest(r["prompt"], r["target"]) for r in records]
+
+
+class WriteClock:
+    """Seconds spent in the weight write (the writer callback's ``on_train_end``) of each edit in the block."""
+
+    def __enter__(self) -> WriteClock:
+        from anyedit_lightning.writers.base import WeightWriter
+
+        self.seconds: list[float] = []
+        self._original = original = WeightWriter.on_train_end
+        clock = self
+
+        def timed_write(writer, trainer, pl_module) -> None:
+            started = time.perf_counter()
+            try:
+                original(writer, trainer, pl_module)
+            finally:
+                clock.seconds.append(time.perf_counter() - started)
+
+        WeightWriter.on_train_end = timed_write
+        return self
+
+    def __exit__(self, *exc) -> None:
+        from anyedit_lightning.writers.base import WeightWriter
+
+        WeightWriter.on_train_end = self._original
 
 
 def peak_rss_mb() -> float:

@@ -19,11 +19,11 @@ import json
 import time
 
 import torch
+from _common import WriteClock
 
 from anyedit_lightning import edit, load_model
 from anyedit_lightning.benchmarks import get_datamodule
 from anyedit_lightning.core.weights import restore, snapshot
-from anyedit_lightning.writers.base import WeightWriter
 
 
 def main() -> None:
@@ -40,42 +40,33 @@ def main() -> None:
     model, tokenizer = load_model()
     data = get_datamodule("unkebench", start=0, limit=20, split="dev")
     requests = {r.extra["index"]: r for r in data.requests}
-    write_seconds: list[float] = []
-    original = WeightWriter.on_train_end
-
-    def timed_write(self, trainer, pl_module) -> None:
-        started = time.perf_counter()
-        try:
-            original(self, trainer, pl_module)
-        finally:
-            write_seconds.append(time.perf_counter() - started)
-
-    WeightWriter.on_train_end = timed_write
     params = dict(model.named_parameters())
     base = snapshot(params)
     writers = [json.loads(w) for w in args.writer or ["{}"]]
-    for index in args.records:
-        totals = []
-        for overrides in writers:
-            started = time.perf_counter()
-            module = edit(
-                model,
-                tokenizer,
-                requests[index],
-                method=args.method,
-                writer_kwargs=overrides,
-                trainer_kwargs={"enable_progress_bar": False, "logger": False},
-            )
-            totals.append(time.perf_counter() - started)
-            steps = sum(m["steps"] for m in module.chunk_metrics)
-            print(
-                f"record {index} {json.dumps(overrides)}: edit {totals[-1]:.1f} s, write {write_seconds[-1]:.1f} s, "
-                f"δ optimisation and the rest {totals[-1] - write_seconds[-1]:.1f} s; "
-                f"{len(module.chunk_metrics)} chunks, {steps} δ steps"
-                + (f"; {totals[0] / totals[-1]:.2f}x faster than the first" if len(totals) > 1 else ""),
-                flush=True,
-            )
-            restore(params, base)
+    with WriteClock() as clock:
+        for index in args.records:
+            totals = []
+            for overrides in writers:
+                started = time.perf_counter()
+                module = edit(
+                    model,
+                    tokenizer,
+                    requests[index],
+                    method=args.method,
+                    writer_kwargs=overrides,
+                    trainer_kwargs={"enable_progress_bar": False, "logger": False},
+                )
+                totals.append(time.perf_counter() - started)
+                steps = sum(m["steps"] for m in module.chunk_metrics)
+                print(
+                    f"record {index} {json.dumps(overrides)}: edit {totals[-1]:.1f} s, "
+                    f"write {clock.seconds[-1]:.1f} s, "
+                    f"δ optimisation and the rest {totals[-1] - clock.seconds[-1]:.1f} s; "
+                    f"{len(module.chunk_metrics)} chunks, {steps} δ steps"
+                    + (f"; {totals[0] / totals[-1]:.2f}x faster than the first" if len(totals) > 1 else ""),
+                    flush=True,
+                )
+                restore(params, base)
 
 
 if __name__ == "__main__":

@@ -11,11 +11,14 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from .. import api
 from ..core.checks import EditConfigError, is_int
 from ..presets import PRESETS, get_preset
+
+if TYPE_CHECKING:
+    from .faithfulness import FaithfulnessOptions
 
 METHODS = ("memit", "alphaedit", "unke", "none")
 METHOD_LABELS = {"none": "Unedited", "memit": "MEMIT", "alphaedit": "AlphaEdit", "unke": "UnKE"}
@@ -101,6 +104,20 @@ class RunOptions:
     @property
     def distributed(self) -> bool:
         return self.devices * self.num_nodes > 1
+
+    def faithfulness_options(self, **overrides: Any) -> FaithfulnessOptions:
+        """The probe sizes above as :class:`FaithfulnessOptions` (``overrides`` replace any of them)."""
+        from .faithfulness import FaithfulnessOptions
+
+        sizes = dict(
+            locality_prompts=self.locality_prompts,
+            cross_questions=self.cross_questions,
+            neighbours=self.neighbours,
+            fluency_prompts=self.fluency_prompts,
+            perplexity_tokens=self.perplexity_tokens,
+            batch_size=self.generation_batch_size,
+        )
+        return FaithfulnessOptions(**{**sizes, **overrides})
 
 
 @dataclass

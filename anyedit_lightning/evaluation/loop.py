@@ -200,17 +200,10 @@ class BenchmarkLoop:
 
     def _make_probe(self, pending: list[EditRequest]):
         """The unedited reference for this run, computed now (the weights are still the starting ones)."""
-        from .faithfulness import FaithfulnessOptions, FaithfulnessProbe
+        from .faithfulness import FaithfulnessProbe
 
         c = self.config
-        options = FaithfulnessOptions(
-            locality_prompts=c.locality_prompts,
-            cross_questions=c.cross_questions,
-            neighbours=c.neighbours,
-            fluency_prompts=c.fluency_prompts,
-            perplexity_tokens=c.perplexity_tokens,
-            batch_size=c.generation_batch_size,
-        )
+        options = c.faithfulness_options()
         started = time.perf_counter()
         try:
             prompts = [r.prompt for r in pending]

@@ -26,7 +26,7 @@ from ..api import edit, edit_sequentially
 from ..core.requests import EditRequest, prompt_text
 from ..metrics.rouge import rouge_l_recall
 from .config import BenchConfig, resolved
-from .faithfulness import FaithfulnessOptions, FaithfulnessProbe
+from .faithfulness import FaithfulnessProbe
 from .generation import generate_batch
 from .runner import load_for, selected_data, stats_for
 
@@ -80,13 +80,7 @@ def run_retention(config: RetentionConfig, model=None, tokenizer=None) -> list[d
     stats = stats_for(model, tokenizer, [config])
     probe = None
     if config.faithfulness:
-        options = FaithfulnessOptions(
-            locality_prompts=config.locality_prompts,
-            cross_questions=config.cross_questions,
-            neighbours=0,
-            fluency_prompts=0,
-            perplexity_tokens=config.perplexity_tokens,
-        )
+        options = config.faithfulness_options(neighbours=0, fluency_prompts=0)
         probe = FaithfulnessProbe(model, tokenizer, config.dataset, options).prepare()
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,8 @@ from .base import WeightWriter
 if TYPE_CHECKING:
     from ..core.module import AnyEditModule
 
+_COMPUTE_DTYPES = {None: None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 
 def _layer_call(model, layer, ids, mask):
     """The exact arguments the model passes to ``layer`` (masks, rotary embeddings, ...), and its output.
@@ -124,6 +126,7 @@ class UnkeWrite(WeightWriter):
         preserve_original: bool = False,
         steps_per_request: int = 0,
         refit: bool = False,
+        compute_dtype: str | None = None,
     ):
         """``preservation_corpus`` (``wikipedia-sample`` or ``wikipedia-chat``) supplies the default
         preservation texts; ``preservation_weight`` multiplies their loss against the edit's. ``scope``:
@@ -149,7 +152,13 @@ class UnkeWrite(WeightWriter):
         whose fit has that many more targets to reach in the same layer. ``refit``: with kept edits in the
         layer, start the fit from the layer's unedited weights (the ledger's anchors) and fit every kept
         request (its recorded outputs) with the new ones, as one batch write would, instead of fitting on
-        top of the current weights; the steps then count the kept requests too."""
+        top of the current weights; the steps then count the kept requests too.
+
+        ``compute_dtype`` (``"bfloat16"`` or ``"float16"``; None: the model's dtype): run the fit's forward
+        and backward passes under autocast in that dtype, weights, targets, losses and AdamW's state staying
+        in the model's dtype (mixed precision). The write is compute-bound (thousands of tokens a step), so
+        on hardware with fast bf16 matmuls (recent GPUs, CPUs with AVX512-BF16 or AMX) it runs about twice
+        as fast (docs/results/speed.md)."""
         self.lr, self.steps, self.weight_decay, self.scope = lr, steps, weight_decay, scope
         self.preservation_positions, self.preservation_batch = preservation_positions, preservation_batch
         self.preservation_texts = preservation_texts
@@ -157,7 +166,7 @@ class UnkeWrite(WeightWriter):
         self.preservation_corpus, self.preservation_weight = preservation_corpus, preservation_weight
         self.retain, self.retention_batch, self.retention_weight = retain, retention_batch, retention_weight
         self.preserve_original, self.steps_per_request = preserve_original, steps_per_request
-        self.refit = refit
+        self.refit, self.compute_dtype = refit, compute_dtype
         UnkeWrite.validate(self)
 
     def validate(self) -> None:
@@ -177,6 +186,11 @@ class UnkeWrite(WeightWriter):
         check_bool("refit", self.refit, error=WriterConfigError)
         check_bool("preserve_original", self.preserve_original, error=WriterConfigError)
         check_real("retention_weight", self.retention_weight, error=WriterConfigError)
+        if self.compute_dtype not in _COMPUTE_DTYPES:
+            raise WriterConfigError(
+                f"compute_dtype={self.compute_dtype!r}: use one of {sorted(_COMPUTE_DTYPES, key=str)} "
+                "(None: the model's own dtype)."
+            )
         if self.preservation_positions is not None:
             check_int("preservation_positions", self.preservation_positions, 1, WriterConfigError)
             if self.scope != "mlp":
@@ -360,11 +374,14 @@ class UnkeWrite(WeightWriter):
             [{"params": decay, "weight_decay": self.weight_decay}, {"params": norms, "weight_decay": 0.0}],
             lr=self.lr,
         )
+        device = tuned[0][1].device.type
+        precision = _COMPUTE_DTYPES[self.compute_dtype]
         try:
             with torch.enable_grad():
                 for _ in range(steps):
                     optimizer.zero_grad()
-                    loss = sum(term() for term in terms)
+                    with torch.autocast(device, dtype=precision, enabled=precision is not None):
+                        loss = sum(term() for term in terms)
                     loss.backward()
                     optimizer.step()
         finally:
