@@ -47,7 +47,9 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="*", default=[4, 16])
     parser.add_argument("--fast-writer", default='{"compute_dtype": "bfloat16"}', help="JSON")
     parser.add_argument("--fast-edit", default="{}", help="JSON EditConfig overrides")
-    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=256, help="answer limit (raised to the target's length + 32)"
+    )
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default="results/speed_configs")
     args = parser.parse_args()
@@ -97,7 +99,9 @@ def main() -> None:
             )
             seconds = time.perf_counter() - started
         with torch.no_grad():
-            scores = answer_scores(model, tokenizer, requests, scoring)
+            longest = max(len(tokenizer(r.target)["input_ids"]) for r in requests)
+            limit = BenchConfig(max_new_tokens=max(args.max_new_tokens, longest + 32))
+            scores = answer_scores(model, tokenizer, requests, limit)
             faithful = probe.measure_edit(touched=module.edit_record.before)
         restore(params, base)
         row = {
