@@ -25,8 +25,8 @@ def requests_of_length(count: int, min_tokens: int, tokenizer, positions: range)
     has at least ``min_tokens`` tokens, cut to about that many at a sentence end."""
     records = json.loads((ROOT / "data" / "editevery.json").read_text())
     out: list[EditRequest] = []
-    for position in positions if count > 0 else ():
-        if position >= len(records):
+    for position in positions:
+        if len(out) == count or position >= len(records):
             break
         record = records[position]
         ids = tokenizer(record["answer"], add_special_tokens=False)["input_ids"]
@@ -42,8 +42,6 @@ def requests_of_length(count: int, min_tokens: int, tokenizer, positions: range)
                 extra={"index": position, "benchmark": "editeverything"},
             )
         )
-        if len(out) == count:
-            break
     return out
 
 
@@ -109,8 +107,8 @@ class WriteClock:
         from anyedit_lightning.writers.base import WeightWriter
 
         self.seconds: list[float] = []
-        self._original = original = WeightWriter.on_train_end
-        clock = self
+        self._writer_class, self._original = WeightWriter, WeightWriter.on_train_end
+        original, clock = self._original, self
 
         def timed_write(writer, trainer, pl_module) -> None:
             started = time.perf_counter()
@@ -123,9 +121,7 @@ class WriteClock:
         return self
 
     def __exit__(self, *exc) -> None:
-        from anyedit_lightning.writers.base import WeightWriter
-
-        WeightWriter.on_train_end = self._original
+        self._writer_class.on_train_end = self._original
 
 
 def peak_rss_mb() -> float:

@@ -71,10 +71,8 @@ def main() -> None:
     pool = get_datamodule("unkebench", start=args.start, limit=wanted, split=args.split).requests
     if len(pool) < wanted:
         parser.error(f"only {len(pool)} {args.split} records from {args.start}: lower --limit/--batch-sizes")
-    first = 0 if args.split == "dev" else 20
-    long = requests_of_length(args.long, args.long_tokens, tokenizer, range(first, first + 500))
-    if args.split == "dev":
-        long = [r for r in long if r.extra["index"] < 20]
+    positions = range(20) if args.split == "dev" else range(20, 10**6)  # stops at the file's end
+    long = requests_of_length(args.long, args.long_tokens, tokenizer, positions)
     probes = {}
 
     def probe_for(benchmark: str) -> FaithfulnessProbe:
@@ -98,9 +96,9 @@ def main() -> None:
                 **overrides,
             )
             seconds = time.perf_counter() - started
+        tokens = [len(tokenizer(r.target)["input_ids"]) for r in requests]
         with torch.no_grad():
-            longest = max(len(tokenizer(r.target)["input_ids"]) for r in requests)
-            limit = BenchConfig(max_new_tokens=max(args.max_new_tokens, longest + 32))
+            limit = BenchConfig(max_new_tokens=max(args.max_new_tokens, max(tokens) + 32))
             scores = answer_scores(model, tokenizer, requests, limit)
             faithful = probe.measure_edit(touched=module.edit_record.before)
         restore(params, base)
@@ -109,7 +107,7 @@ def main() -> None:
             "config": name,
             "records": [r.extra.get("index") for r in requests],
             "benchmark": benchmark,
-            "target_tokens": [len(tokenizer(r.target)["input_ids"]) for r in requests],
+            "target_tokens": tokens,
             "seconds": round(seconds, 2),
             "write_seconds": round(sum(clock.seconds), 2),
             "edits_per_minute": round(60 * len(requests) / seconds, 3),
