@@ -30,7 +30,7 @@ from .models import (
     resolve_architecture,
     weights_fingerprint,
 )
-from .patches import EditPatch, PatchFileError, save_edited_model
+from .patches import EditPatch, PatchFileError, apply_patches, save_edited_model
 from .presets import PRESETS, Preset, get_preset
 from .stats import CovarianceModule, CovarianceStats, TextCorpusDataModule, compute_covariance
 from .writers import AlphaEditWrite, MemitWrite, UnkeWrite, WeightWriter
@@ -65,6 +65,7 @@ __all__ = [
     "UnsupportedArchitectureError",
     "WeightWriter",
     "WriterConfigError",
+    "apply_patches",
     "compute_covariance",
     "default_trainer",
     "edit",

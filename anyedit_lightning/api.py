@@ -7,6 +7,7 @@ second implementation here.
 from __future__ import annotations
 
 import inspect
+import os
 import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
@@ -17,13 +18,13 @@ from lightning.pytorch.loggers import CSVLogger
 from transformers import PreTrainedTokenizerBase
 
 from .core.checks import WriterConfigError
-from .core.ledger import unedited_weights
+from .core.ledger import ledger_of, unedited_weights
 from .core.lightning_utils import call_keeping_device, trainer_for
 from .core.module import AnyEditModule
 from .core.requests import EditRequest
 from .models.fingerprint import weights_fingerprint
 from .models.registry import ArchitectureSpec
-from .patches.patch import EditPatch
+from .patches.patch import EditPatch, patch_path
 from .presets import get_preset
 from .stats.covariance import CovarianceStats, compute_covariance
 from .writers import AlphaEditWrite, MemitWrite, UnkeWrite, WeightWriter
@@ -132,6 +133,7 @@ def edit_sequentially(
     stats: CovarianceStats | None = None,
     callback: Callable[[int, AnyEditModule], None] | None = None,
     batch_size: int = 1,
+    patch_dir: str | os.PathLike | None = None,
     **kwargs: Any,
 ) -> list[EditPatch]:
     """Edit ``requests`` one after another into ``model`` (in place, each edit kept); one patch per edit.
@@ -148,11 +150,17 @@ def edit_sequentially(
     ``callback(i, module)`` runs after edit ``i``. Patch ``i``'s base is patch ``i - 1``'s result, so
     ``for p in reversed(patches): p.revert(model)`` restores the original weights bit-exactly.
 
+    ``patch_dir``: each patch is also saved there as soon as its edit is made, named by the model's count
+    of kept edits (:func:`~anyedit_lightning.patches.patch_path`), so a long run that stops keeps its
+    finished edits, and :func:`~anyedit_lightning.apply_patches` continues from them in another process.
+
     If edit ``i`` fails it is rolled back and the exception propagates; edits ``0..i-1`` stay in the model.
     A ``writer=`` instance is used as is for every edit.
 
     Example:
         >>> patches = edit_sequentially(model, tok, requests, method="memit", layers=[3, 4, 5, 6, 7])
+    >>> edit_sequentially(model, tok, first_half, patch_dir="run")  # later, in another process:
+    >>> apply_patches(fresh_model, "run"); edit_sequentially(fresh_model, tok, second_half, patch_dir="run")
     """
     if isinstance(requests, EditRequest):
         requests = [requests]
@@ -202,6 +210,9 @@ def edit_sequentially(
         patch = EditPatch.from_module(module, base_fingerprint=fingerprint)
         fingerprint = patch.result_fingerprint
         patches.append(patch)
+        if patch_dir is not None:
+            os.makedirs(patch_dir, exist_ok=True)
+            patch.save(patch_path(patch_dir, len(ledger_of(model))))
         if callback is not None:
             callback(i, module)
     return patches

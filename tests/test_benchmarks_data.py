@@ -260,6 +260,19 @@ def test_custom_json(tmp_path: Path) -> None:
     }
 
 
+def test_custom_json_takes_edit_request_fields_and_a_records_object(tmp_path: Path) -> None:
+    fictional = get_datamodule(str(DATA / "fictional_edits.json"))
+    raw = json.loads((DATA / "fictional_edits.json").read_text())["records"]
+    assert [(r.prompt, r.target) for r in fictional.requests] == [(r["prompt"], r["target"]) for r in raw]
+    path = tmp_path / "mixed.json"
+    path.write_text(json.dumps({"records": [{"prompt": "P?", "target": "T."}, {"prompt": "P2?"}]}))
+    with pytest.raises(BenchmarkDataError, match="record 1.*'answer' is missing"):
+        CustomDataModule(path).setup()
+    path.write_text(json.dumps({"edits": []}))
+    with pytest.raises(BenchmarkDataError, match="'records' is one"):
+        CustomDataModule(path).setup()
+
+
 def test_custom_jsonl(tmp_path: Path) -> None:
     path = tmp_path / "edits.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in GOOD) + "\n\n")

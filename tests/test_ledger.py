@@ -9,11 +9,12 @@ import pytest
 import torch
 from tiny import build_tokenizer, tiny_model
 
-from anyedit_lightning import EditPatch, edit, edit_sequentially, weights_fingerprint
+from anyedit_lightning import EditPatch, apply_patches, edit, edit_sequentially, weights_fingerprint
 from anyedit_lightning.core.hooks import record_inputs, record_outputs
 from anyedit_lightning.core.ledger import ledger_of
 from anyedit_lightning.core.requests import EditRequest
 from anyedit_lightning.models.registry import resolve_architecture
+from anyedit_lightning.patches import PatchMismatchError, patch_path
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -119,21 +120,44 @@ def test_weights_changed_outside_the_library_empty_the_ledger(tok, caplog):
 
 
 def test_saved_patches_continue_the_chain_like_one_run(tok, tmp_path):
-    """Edit 3 requests in one run; or edit 2, save the patches, apply them to a fresh model (a new
-    process would), and edit the third: the same weights, bit for bit."""
+    """Edit 3 requests in one run; or edit 2 saving the patches as they come, apply them to a fresh model
+    (a new process would) and edit the third: the same weights, bit for bit, and the same saved files."""
     one_run = tiny_model("llama")
-    edit_sequentially(one_run, tok, REQUESTS, method="unke", writer_kwargs=writer(steps=5), **EDIT)
-    first = tiny_model("llama")
-    patches = edit_sequentially(
-        first, tok, REQUESTS[:2], method="unke", writer_kwargs=writer(steps=5), **EDIT
-    )
-    paths = [p.save(tmp_path / f"edit{i}.safetensors") for i, p in enumerate(patches)]
+    kwargs = dict(method="unke", writer_kwargs=writer(steps=5), **EDIT)
+    edit_sequentially(one_run, tok, REQUESTS, patch_dir=tmp_path / "one", **kwargs)
+    edit_sequentially(tiny_model("llama"), tok, REQUESTS[:2], patch_dir=tmp_path / "split", **kwargs)
     resumed = tiny_model("llama")
-    for path in paths:
-        EditPatch.load(path).apply(resumed)
-    assert len(ledger_of(resumed)) == 2
-    edit_sequentially(resumed, tok, REQUESTS[2:], method="unke", writer_kwargs=writer(steps=5), **EDIT)
+    assert len(apply_patches(resumed, tmp_path / "split")) == 2 and len(ledger_of(resumed)) == 2
+    edit_sequentially(resumed, tok, REQUESTS[2:], patch_dir=tmp_path / "split", **kwargs)
     assert all(torch.equal(a, b) for a, b in zip(one_run.parameters(), resumed.parameters(), strict=True))
+    names = sorted(p.name for p in (tmp_path / "split").iterdir())
+    assert (
+        names
+        == sorted(p.name for p in (tmp_path / "one").iterdir())
+        == [patch_path(".", n).name for n in (1, 2, 3)]
+    )
+    again = tiny_model("llama")
+    apply_patches(again, tmp_path / "split", count=3)
+    assert weights_fingerprint(again) == weights_fingerprint(one_run)
+
+
+def test_apply_patches_refuses_a_broken_run_and_writes_nothing(tok, tmp_path):
+    kwargs = dict(method="unke", writer_kwargs=writer(steps=2), **EDIT)
+    edit_sequentially(tiny_model("llama"), tok, REQUESTS[:2], patch_dir=tmp_path / "a", **kwargs)
+    edit_sequentially(tiny_model("llama"), tok, REQUESTS[1:], patch_dir=tmp_path / "b", **kwargs)
+    model = tiny_model("llama")
+    before = weights_fingerprint(model)
+    with pytest.raises(FileNotFoundError, match="in sequence"):
+        apply_patches(model, tmp_path / "a", count=3)
+    with pytest.raises(FileNotFoundError, match="in sequence"):
+        apply_patches(model, tmp_path / "empty")
+    (tmp_path / "a" / patch_path(".", 2).name).unlink()
+    (tmp_path / "b" / patch_path(".", 2).name).rename(tmp_path / "a" / patch_path(".", 2).name)
+    with pytest.raises(PatchMismatchError, match="mixes two runs"):
+        apply_patches(model, tmp_path / "a")
+    with pytest.raises(PatchMismatchError, match="Refusing to apply"):
+        apply_patches(tiny_model("llama", seed=1), tmp_path / "b")
+    assert weights_fingerprint(model) == before and len(ledger_of(model)) == 0
 
 
 def test_edit_sequentially_batches_requests(tok):
@@ -174,6 +198,44 @@ def test_retention_command_writes_its_table(tok, tmp_path, monkeypatch):
     assert all(0.0 <= r["rouge_l"] <= 1.0 for r in rows)
     table = (tmp_path / "out" / "retention.md").read_text()
     assert table.count("\n| ") == 3 and (tmp_path / "out" / "retention.png").stat().st_size > 0
+
+
+def test_retention_resumes_from_saved_patches_like_one_run(tok, tmp_path, monkeypatch):
+    """Stop after 2 edits, continue in a 'new process' from the saved patches: the rows after the resume
+    are the one run's (scores, not seconds); a resume on other records is refused and undone."""
+    from anyedit_lightning.evaluation import retention
+
+    data = tmp_path / "records.json"
+    data.write_text(json.dumps([{"question": r.prompt, "answer": r.target} for r in REQUESTS]))
+    models = []
+    monkeypatch.setattr(
+        retention, "load_for", lambda config: (models.append(tiny_model("llama")) or models[-1], tok)
+    )
+    base = dict(
+        dataset=str(data),
+        split="all",
+        max_new_tokens=8,
+        faithfulness=False,
+        edit={"layers": [LAYER], "window": 16, "v_steps": 2},
+        writer=writer(steps=2),
+        progress_bar=False,
+    )
+
+    def run(**options):
+        return retention.run_retention(retention.RetentionConfig(**base, **options))
+
+    one = run(limit=3, checkpoints=[2, 3], out=str(tmp_path / "one"))
+    run(limit=2, patch_dir=str(tmp_path / "patches"), out=str(tmp_path / "first"))
+    rest = run(limit=3, checkpoints=[2, 3], resume_from=str(tmp_path / "patches"), out=str(tmp_path / "rest"))
+    scores = ("rouge_l", "per_edit", "stopped")
+    assert [r["edits"] for r in rest] == [2, 3] and rest[0]["edit_seconds"] is None
+    assert [[r[k] for k in scores] for r in rest] == [[r[k] for k in scores] for r in one]
+    assert weights_fingerprint(models[-1]) == weights_fingerprint(models[0])
+    with pytest.raises(ValueError, match="not this run's first"):
+        run(start=1, limit=2, resume_from=str(tmp_path / "patches"), out=str(tmp_path / "wrong"))
+    assert weights_fingerprint(models[-1]) == weights_fingerprint(tiny_model("llama"))
+    with pytest.raises(ValueError, match="sequential"):
+        run(mode="batch", limit=2, resume_from=str(tmp_path / "patches"), out=str(tmp_path / "batch"))
 
 
 def test_preservation_against_the_original_layer_stops_drift_adding_up(tok):

@@ -157,6 +157,9 @@ def test_between_matches_from_module(edited):
 def test_save_load_round_trip(edited, tmp_path):
     path = edited.patch1.save(tmp_path / "edit.patch.safetensors")
     assert path.is_file() and not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+    plain = tmp_path / "plain"
+    plain.write_text("")  # a patch gets the permissions of any new file, not a temporary file's 0o600
+    assert path.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
     loaded = EditPatch.load(path)
     assert_patch_equal(loaded, edited.patch1)
     from safetensors import safe_open

@@ -17,11 +17,13 @@ CUSTOM_SUFFIXES = (".json", ".jsonl")
 
 
 class CustomDataModule(BenchmarkDataModule):
-    """Edits from ``path``: each record needs ``question`` and ``answer``.
+    """Edits from ``path``: each record needs ``question`` and ``answer`` (or ``EditRequest``'s names,
+    ``prompt`` and ``target``).
 
     Optional: ``para_question``, ``sub_question`` with a matching ``sub_answer`` list, ``category``
-    and ``id`` (default: the record's position). ``.json`` holds a list of objects, ``.jsonl`` one
-    object per line. Bad records are reported by position (for JSONL: among non-blank lines).
+    and ``id`` (default: the record's position). ``.json`` holds a list of objects (or an object whose
+    ``records`` is that list, like ``data/fictional_edits.json``), ``.jsonl`` one object per line. Bad
+    records are reported by position (for JSONL: among non-blank lines).
     """
 
     def __init__(
@@ -35,4 +37,7 @@ class CustomDataModule(BenchmarkDataModule):
         self.name = f"custom:{Path(path).name}"
 
     def convert(self, record: Mapping[str, Any], index: int) -> BenchmarkRecord:
+        if isinstance(record, Mapping) and "question" not in record and "answer" not in record:
+            aliases = {"prompt": "question", "target": "answer"}
+            record = {aliases.get(k, k): v for k, v in record.items()}
         return question_answer_record(record, index, self.name)

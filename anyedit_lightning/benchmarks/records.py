@@ -105,10 +105,12 @@ def load_raw_records(path: Path) -> list[Any]:
             data = json.load(f)
     except json.JSONDecodeError as e:
         raise BenchmarkDataError(f"{path} is not valid JSON: {e}") from e
+    if isinstance(data, dict) and isinstance(data.get("records"), list):
+        return data["records"]  # a list with a note beside it (``about``, ...)
     if not isinstance(data, list):
         raise BenchmarkDataError(
-            f"{path} must hold a JSON list of records, got {type(data).__name__}; "
-            "use a .jsonl file for one record per line."
+            f"{path} must hold a JSON list of records (or an object whose 'records' is one), got "
+            f"{type(data).__name__}; use a .jsonl file for one record per line."
         )
     return data
 

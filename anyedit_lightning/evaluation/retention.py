@@ -25,6 +25,7 @@ import torch
 from ..api import edit, edit_sequentially
 from ..core.requests import EditRequest, prompt_text
 from ..metrics.rouge import rouge_l_recall
+from ..patches.patch import apply_patches
 from .config import BenchConfig, resolved
 from .faithfulness import FaithfulnessProbe
 from .generation import generate_batch
@@ -42,11 +43,18 @@ class RetentionConfig(BenchConfig):
     Attributes:
         mode: ``sequential`` (one edit per ``batch_size`` records, each kept) or ``batch`` (one edit).
         checkpoints: edit counts after which everything is measured (None: after every edit).
+        patch_dir: save each edit's patch there as it is made (sequential mode), for ``resume_from``.
+        resume_from: the ``patch_dir`` of an earlier run on the same records: its first ``resume_edits``
+            patches (None: all) are applied to the unedited model, after its reference answers are
+            taken, and editing continues with the next record, as if the run had never stopped.
     """
 
     mode: Literal["sequential", "batch"] = "sequential"
     checkpoints: list[int] | None = None
     out: str = "results/retention"
+    patch_dir: str | None = None
+    resume_from: str | None = None
+    resume_edits: int | None = None
 
 
 def answer_scores(model, tokenizer, requests: list[EditRequest], config: BenchConfig) -> dict[str, Any]:
@@ -74,6 +82,10 @@ def run_retention(config: RetentionConfig, model=None, tokenizer=None) -> list[d
         raise ValueError("retention needs an editing method (memit, alphaedit or unke), not 'none'.")
     if config.distributed:
         raise ValueError("retention keeps every edit in one model: run it as one process (devices=1).")
+    if config.mode == "batch" and (config.patch_dir or config.resume_from):
+        raise ValueError("patch_dir and resume_from are for sequential runs; a batch run is one edit.")
+    if config.resume_edits is not None and not config.resume_from:
+        raise ValueError("resume_edits needs resume_from, the patch_dir of the run to continue.")
     requests = selected_data(config).requests
     if model is None or tokenizer is None:
         model, tokenizer = load_for(config)
@@ -95,10 +107,12 @@ def run_retention(config: RetentionConfig, model=None, tokenizer=None) -> list[d
         trainer_kwargs=dict(enable_progress_bar=config.progress_bar, logger=False),
         **config.edit,
     )
-    clock, seconds = {"last": time.perf_counter()}, []
+    resumed = _resume(model, requests, config) if config.resume_from else 0
+    clock, seconds = {"last": time.perf_counter()}, [None] * resumed
 
-    def measure(done: int) -> None:
-        seconds.append(round(time.perf_counter() - clock["last"], 2))
+    def measure(done: int, timed: bool = True) -> None:
+        if timed:
+            seconds.append(round(time.perf_counter() - clock["last"], 2))
         if config.checkpoints is None or done in config.checkpoints or done == len(requests):
             row = {"edits": done, "mode": config.mode, "edit_seconds": seconds[-1]}
             row["seconds_per_edit"] = list(seconds)  # every edit so far, checkpoints or not
@@ -116,16 +130,37 @@ def run_retention(config: RetentionConfig, model=None, tokenizer=None) -> list[d
         edit(model, tokenizer, requests, **kwargs)
         measure(len(requests))
     else:
+        if resumed:  # the state the earlier run saved, measured again: it should match that run's row
+            measure(resumed, timed=False)
         size = config.batch_size
-        edit_sequentially(
-            model,
-            tokenizer,
-            requests,
-            callback=lambda i, _module: measure(min(len(requests), (i + 1) * size)),
-            batch_size=size,
-            **kwargs,
-        )
+        if resumed < len(requests):
+            edit_sequentially(
+                model,
+                tokenizer,
+                requests[resumed:],
+                callback=lambda i, _module: measure(min(len(requests), resumed + (i + 1) * size)),
+                batch_size=size,
+                patch_dir=config.patch_dir,
+                **kwargs,
+            )
     return rows
+
+
+def _resume(model, requests: list[EditRequest], config: RetentionConfig) -> int:
+    """Apply the saved patches of ``config.resume_from`` after checking they edited the first records of
+    this run, in order; the number of records they cover."""
+    patches = apply_patches(model, config.resume_from, config.resume_edits)
+    done = [(r["prompt"], r["target"]) for patch in patches for r in patch.requests]
+    wanted = [(r.prompt, r.target) for r in requests[: len(done)]]
+    if done != wanted or len(done) % config.batch_size:
+        for patch in reversed(patches):
+            patch.revert(model)
+        raise ValueError(
+            f"The patches in {config.resume_from} edited {len(done)} requests that are not this run's first "
+            f"{len(done)} records in batches of {config.batch_size}: resume with the dataset, split, start "
+            "and batch_size of the run that saved them."
+        )
+    return len(done)
 
 
 COLUMNS = (
@@ -160,7 +195,11 @@ def write_retention_report(out: Path, rows: list[dict[str, Any]], config: Retent
 
     fig, ax = plt.subplots(figsize=(6, 4))
     edits = [r["edits"] for r in rows]
-    for key, name in (("rouge_l", "mean ROUGE-L, all edits so far"), ("locality_agreement", "locality")):
+    for key, name in (
+        ("rouge_l", "mean ROUGE-L, all edits so far"),
+        ("locality_agreement", "locality (everyday prompts)"),
+        ("cross_agreement", "locality (other benchmark)"),
+    ):
         if any(r.get(key) is not None for r in rows):
             ax.plot(edits, [r.get(key) for r in rows], marker="o", label=name)
     ax.axhline(0.9, color="grey", lw=0.8, ls="--")

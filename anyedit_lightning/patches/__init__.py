@@ -2,6 +2,13 @@
 
 from .deltas import PatchMismatchError
 from .format import PatchFileError
-from .patch import EditPatch, save_edited_model
+from .patch import EditPatch, apply_patches, patch_path, save_edited_model
 
-__all__ = ["EditPatch", "PatchFileError", "PatchMismatchError", "save_edited_model"]
+__all__ = [
+    "EditPatch",
+    "PatchFileError",
+    "PatchMismatchError",
+    "apply_patches",
+    "patch_path",
+    "save_edited_model",
+]

@@ -4,8 +4,6 @@ header (format ``anyedit_lightning.EditPatch/1``)."""
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -15,6 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..core.ledger import KeyFit, LedgerEntry
+from ..storage.integrity import atomic_path
 from .deltas import DIRECTIONS, FixUp
 
 FORMAT = "anyedit_lightning.EditPatch/1"
@@ -84,15 +83,8 @@ def write_patch_file(
         "param_dtypes": json.dumps(dtypes),
         **{k: v if isinstance(v, str) else json.dumps(v, default=str) for k, v in metadata.items()},
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=header)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

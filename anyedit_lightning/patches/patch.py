@@ -62,9 +62,14 @@ __all__ = [
     "FixUp",
     "PatchFileError",
     "PatchMismatchError",
+    "apply_patches",
     "fingerprint_with",
+    "patch_path",
     "save_edited_model",
 ]
+
+PATCH_NAME = "edit_{:04d}.patch.safetensors"
+"""How :func:`patch_path` names the patch of a model's ``n``-th kept edit."""
 
 
 def _request_dicts(requests: Sequence[EditRequest] | None) -> list[dict[str, Any]]:
@@ -322,3 +327,46 @@ def save_edited_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase, path
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def patch_path(directory: str | os.PathLike, number: int) -> Path:
+    """Where a run saving its patches as it goes puts the patch of the model's ``number``-th kept edit."""
+    return Path(directory) / PATCH_NAME.format(number)
+
+
+def apply_patches(
+    model: nn.Module, directory: str | os.PathLike, count: int | None = None
+) -> list[EditPatch]:
+    """Apply, oldest first, the patches a run saved in ``directory`` (``edit_sequentially(patch_dir=...)``),
+    the first ``count`` of them (None: all): a later process continues editing where that run stopped.
+
+    Each patch is checked against the weights it was made for, so a model other than that run's unedited
+    one, or a gap in the numbering, is refused before anything is written; the patches carry their ledger
+    entries, so later edits keep retaining these ones.
+    """
+    paths = sorted(Path(directory).glob(PATCH_NAME.replace("{:04d}", "*")))
+    if count is not None:
+        paths = paths[:count]
+    expected = [patch_path(directory, n) for n in range(1, len(paths) + 1)]
+    if not paths or paths != expected or (count is not None and len(paths) < count):
+        raise FileNotFoundError(
+            f"{directory} does not hold patches {PATCH_NAME.format(1)} to "
+            f"{PATCH_NAME.format(count or max(len(paths), 1))} in sequence (found {[p.name for p in paths]}); "
+            "give the patch_dir of an edit_sequentially or retention run."
+        )
+    patches = [EditPatch.load(path) for path in paths]
+    for path, before, patch in zip(paths[1:], patches, patches[1:]):
+        if patch.base_fingerprint != before.result_fingerprint:
+            raise PatchMismatchError(
+                f"{path.name} was not made on top of the patch before it: the directory mixes two runs."
+            )
+    applied: list[EditPatch] = []
+    try:
+        for patch in patches:
+            patch.apply(model)
+            applied.append(patch)
+    except BaseException:
+        for patch in reversed(applied):  # never leave the model with part of the run
+            patch.revert(model)
+        raise
+    return patches
