@@ -159,8 +159,9 @@ def edit_sequentially(
 
     Example:
         >>> patches = edit_sequentially(model, tok, requests, method="memit", layers=[3, 4, 5, 6, 7])
-    >>> edit_sequentially(model, tok, first_half, patch_dir="run")  # later, in another process:
-    >>> apply_patches(fresh_model, "run"); edit_sequentially(fresh_model, tok, second_half, patch_dir="run")
+        >>> edit_sequentially(model, tok, first_half, patch_dir="run")  # later, in another process:
+        >>> apply_patches(fresh_model, "run")  # the first half back, ledger included
+        >>> edit_sequentially(fresh_model, tok, second_half, patch_dir="run")
     """
     if isinstance(requests, EditRequest):
         requests = [requests]
