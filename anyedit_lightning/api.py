@@ -211,8 +211,7 @@ def edit_sequentially(
         patch = EditPatch.from_module(module, base_fingerprint=fingerprint)
         fingerprint = patch.result_fingerprint
         patches.append(patch)
-        if patch_dir is not None:
-            os.makedirs(patch_dir, exist_ok=True)
+        if patch_dir is not None:  # the save makes the folder
             patch.save(patch_path(patch_dir, len(ledger_of(model))))
         if callback is not None:
             callback(i, module)

@@ -202,7 +202,7 @@ def test_retention_command_writes_its_table(tok, tmp_path, monkeypatch):
 
 def test_retention_resumes_from_saved_patches_like_one_run(tok, tmp_path, monkeypatch):
     """Stop after 2 edits, continue in a 'new process' from the saved patches: the rows after the resume
-    are the one run's (scores, not seconds); a resume on other records is refused and undone."""
+    are the one run's (scores, not seconds); a resume on other records is refused, the model untouched."""
     from anyedit_lightning.evaluation import retention
 
     data = tmp_path / "records.json"

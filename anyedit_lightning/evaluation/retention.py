@@ -25,7 +25,7 @@ import torch
 from ..api import edit, edit_sequentially
 from ..core.requests import EditRequest, prompt_text
 from ..metrics.rouge import rouge_l_recall
-from ..patches.patch import apply_patches
+from ..patches.patch import apply_patches, load_patches
 from .config import BenchConfig, resolved
 from .faithfulness import FaithfulnessProbe
 from .generation import generate_batch
@@ -147,19 +147,18 @@ def run_retention(config: RetentionConfig, model=None, tokenizer=None) -> list[d
 
 
 def _resume(model, requests: list[EditRequest], config: RetentionConfig) -> int:
-    """Apply the saved patches of ``config.resume_from`` after checking they edited the first records of
-    this run, in order; the number of records they cover."""
-    patches = apply_patches(model, config.resume_from, config.resume_edits)
+    """Apply the saved patches of ``config.resume_from``, once checked to have edited the first records of
+    this run in its batches; the number of records they cover."""
+    patches = load_patches(config.resume_from, config.resume_edits)
     done = [(r["prompt"], r["target"]) for patch in patches for r in patch.requests]
     wanted = [(r.prompt, r.target) for r in requests[: len(done)]]
     if done != wanted or len(done) % config.batch_size:
-        for patch in reversed(patches):
-            patch.revert(model)
         raise ValueError(
             f"The patches in {config.resume_from} edited {len(done)} requests that are not this run's first "
             f"{len(done)} records in batches of {config.batch_size}: resume with the dataset, split, start "
             "and batch_size of the run that saved them."
         )
+    apply_patches(model, patches)
     return len(done)
 
 

@@ -64,6 +64,7 @@ __all__ = [
     "PatchMismatchError",
     "apply_patches",
     "fingerprint_with",
+    "load_patches",
     "patch_path",
     "save_edited_model",
 ]
@@ -334,16 +335,10 @@ def patch_path(directory: str | os.PathLike, number: int) -> Path:
     return Path(directory) / PATCH_NAME.format(number)
 
 
-def apply_patches(
-    model: nn.Module, directory: str | os.PathLike, count: int | None = None
-) -> list[EditPatch]:
-    """Apply, oldest first, the patches a run saved in ``directory`` (``edit_sequentially(patch_dir=...)``),
-    the first ``count`` of them (None: all): a later process continues editing where that run stopped.
-
-    Each patch is checked against the weights it was made for, so a model other than that run's unedited
-    one, or a gap in the numbering, is refused before anything is written; the patches carry their ledger
-    entries, so later edits keep retaining these ones.
-    """
+def load_patches(directory: str | os.PathLike, count: int | None = None) -> list[EditPatch]:
+    """The patches a run saved in ``directory`` (``edit_sequentially(patch_dir=...)``), oldest first, the
+    first ``count`` of them (None: all), checked to be one unbroken run: numbered without a gap, each made
+    on the weights the one before it produced."""
     paths = sorted(Path(directory).glob(PATCH_NAME.replace("{:04d}", "*")))
     if count is not None:
         paths = paths[:count]
@@ -360,6 +355,22 @@ def apply_patches(
             raise PatchMismatchError(
                 f"{path.name} was not made on top of the patch before it: the directory mixes two runs."
             )
+    return patches
+
+
+def apply_patches(
+    model: nn.Module, patches: str | os.PathLike | Sequence[EditPatch], count: int | None = None
+) -> list[EditPatch]:
+    """Apply a run's patches oldest first, all or none: a later process continues editing where that run
+    stopped. ``patches``: the run's ``patch_dir`` (read with :func:`load_patches`, the first ``count``)
+    or patches already loaded from it.
+
+    Each patch is checked against the weights it was made for, so a model other than that run's unedited
+    one, or a broken run, is refused before anything is written; the patches carry their ledger entries,
+    so later edits keep retaining these ones.
+    """
+    if isinstance(patches, (str, os.PathLike)):
+        patches = load_patches(patches, count)
     applied: list[EditPatch] = []
     try:
         for patch in patches:
@@ -369,4 +380,4 @@ def apply_patches(
         for patch in reversed(applied):  # never leave the model with part of the run
             patch.revert(model)
         raise
-    return patches
+    return list(patches)
