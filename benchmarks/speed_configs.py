@@ -11,8 +11,10 @@ agreement with the unedited model on everyday prompts (set a) and on another ben
 (set b), and the held-out perplexity ratio (docs/faithful.md). Then batch throughput: the first k
 UnKEBench records in one edit (one δ phase, one write), edits per minute, for each configuration.
 
-Configurations: ``today`` is the preset (``edit(model, tok, request)``); ``fast`` adds ``--fast-writer``
-and ``--fast-edit`` overrides (default: the UnKE write in bf16 mixed precision).
+Configurations: ``today`` is the preset (``edit(model, tok, request)``) with ``--today-writer`` overrides;
+``fast`` adds ``--fast-writer`` and ``--fast-edit`` overrides (default: the UnKE write in bf16 mixed
+precision, which the preset's ``compute_dtype="auto"`` already picks on CPUs with AVX512-BF16 or AMX: the
+run of docs/results/speed.md is ``--today-writer '{"compute_dtype": null}'``).
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ def main() -> None:
     parser.add_argument("--long", type=int, default=2, help="EditEverything records (0: none)")
     parser.add_argument("--long-tokens", type=int, default=450)
     parser.add_argument("--batch-sizes", type=int, nargs="*", default=[4, 16])
+    parser.add_argument(
+        "--today-writer", default="{}", help="JSON writer overrides of the reference configuration"
+    )
     parser.add_argument("--fast-writer", default='{"compute_dtype": "bfloat16"}', help="JSON")
     parser.add_argument("--fast-edit", default="{}", help="JSON EditConfig overrides")
     parser.add_argument(
@@ -56,7 +61,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     configs = {
-        "today": ({}, {}),
+        "today": (json.loads(args.today_writer), {}),
         "fast": (json.loads(args.fast_writer), json.loads(args.fast_edit)),
     }
     out = Path(args.out)

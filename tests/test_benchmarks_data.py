@@ -266,7 +266,7 @@ def test_custom_json_takes_edit_request_fields_and_a_records_object(tmp_path: Pa
     assert [(r.prompt, r.target) for r in fictional.requests] == [(r["prompt"], r["target"]) for r in raw]
     path = tmp_path / "mixed.json"
     path.write_text(json.dumps({"records": [{"prompt": "P?", "target": "T."}, {"prompt": "P2?"}]}))
-    with pytest.raises(BenchmarkDataError, match="record 1.*'answer' is missing"):
+    with pytest.raises(BenchmarkDataError, match="record 1.*'target' is missing"):
         CustomDataModule(path).setup()
     path.write_text(json.dumps({"edits": []}))
     with pytest.raises(BenchmarkDataError, match="'records' is one"):

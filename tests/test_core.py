@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from lightning.fabric.utilities.rank_zero import LightningDeprecationWarning
 from tiny import build_tokenizer, tiny_model
 
+import anyedit_lightning.core.precision as precision
 import anyedit_lightning.writers.base as writers_base
 import anyedit_lightning.writers.memit as writers_memit
 from anyedit_lightning.api import default_trainer, edit
@@ -508,6 +509,34 @@ def test_unke_compute_dtype_runs_the_fit_in_mixed_precision(scope, tok):
     assert cosine > 0.8, cosine
     with pytest.raises(WriterConfigError, match="compute_dtype"):
         UnkeWrite(compute_dtype="int8")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_unke_auto_compute_dtype_is_bf16_only_where_the_hardware_has_it(native, tok, monkeypatch):
+    """``"auto"`` gives exactly the bf16 fit on a CPU that reports native bf16 and exactly the float32 fit
+    on one that does not (the flags are faked both ways, so both branches run on any machine)."""
+    monkeypatch.setattr(
+        precision, "_cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"} if native else {"avx2"})
+    )
+
+    def update(compute_dtype):
+        model = tiny_model("llama")
+        run(
+            model,
+            tok,
+            REQUESTS[:1],
+            UnkeWrite(preservation_texts=CORPUS[:2], steps=4, lr=1e-2, compute_dtype=compute_dtype),
+            layers=[2],
+            v_steps=2,
+        )
+        return {n: p.detach().clone() for n, p in model.named_parameters() if ".2." in n}
+
+    auto, expected = update("auto"), update("bfloat16" if native else None)
+    assert all(torch.equal(auto[n], expected[n]) for n in auto)
+    cpu = torch.device("cpu")
+    assert precision.resolve_compute_dtype("auto", cpu, torch.float32) == ("bfloat16" if native else None)
+    assert precision.resolve_compute_dtype("auto", cpu, torch.bfloat16) is None  # already reduced
+    assert precision.resolve_compute_dtype("float16", cpu, torch.float32) == "float16"
 
 
 # ---- atomic writes -------------------------------------------------------------------------------

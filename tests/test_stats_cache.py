@@ -23,6 +23,7 @@ from anyedit_lightning.stats.covariance import (
     _save_cached,
     compute_covariance,
 )
+from anyedit_lightning.storage.integrity import atomic_write_text
 from anyedit_lightning.storage.paths import CACHE_ENV
 
 LAYERS = [1, 2]
@@ -219,6 +220,23 @@ def test_failed_rename_leaves_no_temp_file(cache_root, monkeypatch):
     with pytest.raises(OSError, match="rename failed"):
         _save_cached(path, torch.eye(4, dtype=torch.float64), "abc", 7)
     assert files_in(path.parent) == []
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the umask from Linux's /proc")
+def test_atomic_files_get_the_umask_without_changing_it(cache_root, monkeypatch):
+    """The final file's mode is ``0o666 & ~umask``, found without calling ``os.umask`` (which would
+    change the mask, for a moment, for every thread of the process)."""
+    previous = os.umask(0o027)
+    try:
+        monkeypatch.setattr(
+            "anyedit_lightning.storage.integrity.os.umask", lambda *_: pytest.fail("os.umask was called")
+        )
+        path = cache_root / "file.txt"
+        atomic_write_text(path, "x")
+        assert path.stat().st_mode & 0o777 == 0o640
+    finally:
+        monkeypatch.undo()
+        os.umask(previous)
 
 
 def test_interrupted_computation_leaves_no_cache(tiny_llama, computed, monkeypatch):

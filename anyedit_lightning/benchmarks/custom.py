@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .datamodule import BenchmarkDataModule, DataOptions
-from .records import BenchmarkRecord, question_answer_record
+from .records import BenchmarkRecord, question_answer_record, require_text
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -39,5 +39,7 @@ class CustomDataModule(BenchmarkDataModule):
     def convert(self, record: Mapping[str, Any], index: int) -> BenchmarkRecord:
         if isinstance(record, Mapping) and "question" not in record and "answer" not in record:
             aliases = {"prompt": "question", "target": "answer"}
+            for name in aliases:  # a missing field is named as the record names the other one
+                require_text(record, name)
             record = {aliases.get(k, k): v for k, v in record.items()}
         return question_answer_record(record, index, self.name)

@@ -15,6 +15,7 @@ from ..core.batching import pad_right
 from ..core.checks import WriterConfigError, check_bool, check_int, check_real
 from ..core.hooks import StopForward, hidden_of, removed_after, run_until
 from ..core.ledger import ledger_of, reset_to_anchors
+from ..core.precision import AUTO, resolve_compute_dtype
 from ..core.weights import weights_swapped
 from ..stats.corpus import WIKIPEDIA_CHAT, WIKIPEDIA_SAMPLE, wikipedia_chat, wikipedia_sample
 from .base import WeightWriter
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     from ..core.module import AnyEditModule
 
 _COMPUTE_DTYPES = {None: None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_COMPUTE_DTYPE_NAMES = (*_COMPUTE_DTYPES, AUTO)
 
 
 def _layer_call(model, layer, ids, mask):
@@ -160,7 +162,8 @@ class UnkeWrite(WeightWriter):
         and backward passes under autocast in that dtype, weights, targets, losses and AdamW's state staying
         in the model's dtype (mixed precision). The write is compute-bound (thousands of tokens a step), so
         it pays on hardware with fast bf16 matmuls (recent GPUs, CPUs with AVX512-BF16 or AMX): 1.45-1.6x
-        faster on this project's CPU at the same efficacy and locality (docs/results/speed.md)."""
+        faster on this project's CPU at the same efficacy and locality (docs/results/speed.md). ``"auto"``
+        (the small-model preset's): bf16 for float32 weights on such hardware, else the model's dtype."""
         self.lr, self.steps, self.weight_decay, self.scope = lr, steps, weight_decay, scope
         self.preservation_positions, self.preservation_batch = preservation_positions, preservation_batch
         self.preservation_texts = preservation_texts
@@ -188,10 +191,10 @@ class UnkeWrite(WeightWriter):
         check_bool("refit", self.refit, error=WriterConfigError)
         check_bool("preserve_original", self.preserve_original, error=WriterConfigError)
         check_real("retention_weight", self.retention_weight, error=WriterConfigError)
-        if self.compute_dtype not in _COMPUTE_DTYPES:
+        if self.compute_dtype not in _COMPUTE_DTYPE_NAMES:
             raise WriterConfigError(
-                f"compute_dtype={self.compute_dtype!r}: use one of {sorted(_COMPUTE_DTYPES, key=str)} "
-                "(None: the model's own dtype)."
+                f"compute_dtype={self.compute_dtype!r}: use one of {sorted(_COMPUTE_DTYPE_NAMES, key=str)} "
+                "(None: the model's own dtype; 'auto': bf16 where the hardware multiplies it natively)."
             )
         if self.preservation_positions is not None:
             check_int("preservation_positions", self.preservation_positions, 1, WriterConfigError)
@@ -376,13 +379,13 @@ class UnkeWrite(WeightWriter):
             [{"params": decay, "weight_decay": self.weight_decay}, {"params": norms, "weight_decay": 0.0}],
             lr=self.lr,
         )
-        device = tuned[0][1].device.type
-        precision = _COMPUTE_DTYPES[self.compute_dtype]
+        weight = tuned[0][1]
+        precision = _COMPUTE_DTYPES[resolve_compute_dtype(self.compute_dtype, weight.device, weight.dtype)]
         try:
             with torch.enable_grad():
                 for _ in range(steps):
                     optimizer.zero_grad()
-                    with torch.autocast(device, dtype=precision, enabled=precision is not None):
+                    with torch.autocast(weight.device.type, dtype=precision, enabled=precision is not None):
                         loss = sum(term() for term in terms)
                     loss.backward()
                     optimizer.step()
