@@ -411,6 +411,28 @@ def test_unke_changes_only_the_chosen_layer(family, tok):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_unke_without_norms_leaves_every_norm_weight_alone(family, tok):
+    """``tune_norms=False``: the layer's matrices move, its normalisation gains do not (nor are they patched)."""
+    model = tiny_model(family)
+    before = snapshot(model)
+    module = run(
+        model,
+        tok,
+        REQUESTS,
+        UnkeWrite(preservation_texts=CORPUS[:2], steps=5, lr=1e-3, tune_norms=False),
+        layers=[2],
+        v_steps=3,
+    )
+    prefix = module.handle.spec.layer(2) + "."
+    norms = {prefix + n for n, _ in module.handle.layer(2).named_parameters() if "norm" in n or "ln" in n}
+    touched = changed(model, before)
+    assert norms and touched and all(n.startswith(prefix) for n in touched), touched
+    assert not norms & set(touched) and not norms & set(module.edit_record.before)
+    with pytest.raises(WriterConfigError, match="tune_norms"):
+        UnkeWrite(tune_norms="no")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_unke_mlp_scope_leaves_attention_alone(family, tok):
     model = tiny_model(family)
     before = snapshot(model)
@@ -931,3 +953,15 @@ def test_first_key_content_word_skips_trailing_punctuation(tok):
     assert no_mark.content_word == no_mark.content_end
     plan = plan_requests(tok, [REQUESTS[0]], EditConfig(layers=[2], window=8, first_key="content_word"))[0]
     assert plan.keys[0] == tokenized.content_word
+
+
+def test_tokenized_first_key_names_the_planned_position(tok):
+    """``TokenizedRequest.first_key`` (what the tutorials draw) is where planning puts chunk 0's key, and a raw
+    prompt, which has no user text to move to, keeps the last prompt token."""
+    tokenized = tokenize_request(tok, REQUESTS[0])
+    for kind in ("prompt_end", "content_end", "content_word"):
+        plan = plan_requests(tok, [REQUESTS[0]], EditConfig(layers=[2], window=8, first_key=kind))[0]
+        assert plan.keys[0] == tokenized.first_key(kind)
+    assert len({tokenized.first_key(k) for k in ("prompt_end", "content_end", "content_word")}) == 3
+    raw = tokenize_request(tok, EditRequest("Ada Quill is", " a poet.", raw_prompt=True))
+    assert raw.first_key("content_word") == raw.first_key("content_end") == raw.prompt_len - 1

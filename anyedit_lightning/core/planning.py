@@ -64,8 +64,6 @@ def plan_requests(
     plans = []
     for request in requests:
         tokenized = tokenize_request(tokenizer, request)
-        first = {"content_end": tokenized.content_end, "content_word": tokenized.content_word}.get(
-            config.first_key
-        )
+        first = None if config.first_key == "prompt_end" else tokenized.first_key(config.first_key)
         plans.append(RequestPlan(tokenized, chunker(tokenized.target_ids, tokenizer), first_key=first))
     return plans

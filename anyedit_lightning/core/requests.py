@@ -73,6 +73,12 @@ class TokenizedRequest:
     def prompt_len(self) -> int:
         return len(self.prompt_ids)
 
+    def first_key(self, kind: str = "prompt_end") -> int:
+        """Position of chunk 0's key for ``EditConfig.first_key`` ``kind``; the last prompt token when the
+        prompt has no user text to move to (raw prompts)."""
+        moved = {"content_end": self.content_end, "content_word": self.content_word}.get(kind)
+        return self.prompt_len - 1 if moved is None else moved
+
     def __len__(self) -> int:
         return len(self.prompt_ids) + len(self.target_ids)
 

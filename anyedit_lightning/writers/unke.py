@@ -84,6 +84,11 @@ def _text_groups(count: int, batch: int | None) -> list[torch.Tensor]:
     return list(torch.randperm(count, generator=torch.Generator().manual_seed(0)).split(batch))
 
 
+def _is_norm(name: str) -> bool:
+    """A normalisation weight (RMSNorm/LayerNorm gain or bias): never decayed, optionally not tuned."""
+    return "norm" in name or "ln" in name
+
+
 def _cycling(items: Sequence):
     """A function returning ``items`` in turn, round and round: one preservation group per step."""
     turn = itertools.count()
@@ -129,6 +134,7 @@ class UnkeWrite(WeightWriter):
         steps_per_request: int = 0,
         refit: bool = False,
         compute_dtype: str | None = None,
+        tune_norms: bool = True,
     ):
         """``preservation_corpus`` (``wikipedia-sample`` or ``wikipedia-chat``) supplies the default
         preservation texts; ``preservation_weight`` multiplies their loss against the edit's. ``scope``:
@@ -163,7 +169,12 @@ class UnkeWrite(WeightWriter):
         in the model's dtype (mixed precision). The write is compute-bound (thousands of tokens a step), so
         it pays on hardware with fast bf16 matmuls (recent GPUs, CPUs with AVX512-BF16 or AMX): 1.45-1.6x
         faster on this project's CPU at the same efficacy and locality (docs/results/speed.md). ``"auto"``
-        (the small-model preset's): bf16 for float32 weights on such hardware, else the model's dtype."""
+        (the small-model preset's): bf16 for float32 weights on such hardware, else the model's dtype.
+
+        ``tune_norms=False`` leaves the layer's normalisation weights as they are (the authors tune them):
+        each is one gain per hidden dimension applied to every token, so moving it changes the layer for
+        every input, and AdamW moves it by about ``lr`` a step whatever its gradient (the preset's write
+        grows them 1.5-3 % per edit on SmolLM2; docs/faithful.md)."""
         self.lr, self.steps, self.weight_decay, self.scope = lr, steps, weight_decay, scope
         self.preservation_positions, self.preservation_batch = preservation_positions, preservation_batch
         self.preservation_texts = preservation_texts
@@ -171,7 +182,7 @@ class UnkeWrite(WeightWriter):
         self.preservation_corpus, self.preservation_weight = preservation_corpus, preservation_weight
         self.retain, self.retention_batch, self.retention_weight = retain, retention_batch, retention_weight
         self.preserve_original, self.steps_per_request = preserve_original, steps_per_request
-        self.refit, self.compute_dtype = refit, compute_dtype
+        self.refit, self.compute_dtype, self.tune_norms = refit, compute_dtype, tune_norms
         UnkeWrite.validate(self)
 
     def validate(self) -> None:
@@ -190,6 +201,7 @@ class UnkeWrite(WeightWriter):
         check_bool("retain", self.retain, error=WriterConfigError)
         check_bool("refit", self.refit, error=WriterConfigError)
         check_bool("preserve_original", self.preserve_original, error=WriterConfigError)
+        check_bool("tune_norms", self.tune_norms, error=WriterConfigError)
         check_real("retention_weight", self.retention_weight, error=WriterConfigError)
         if self.compute_dtype not in _COMPUTE_DTYPE_NAMES:
             raise WriterConfigError(
@@ -221,7 +233,9 @@ class UnkeWrite(WeightWriter):
 
     def _tuned(self, module: AnyEditModule, layer: int) -> list[str]:
         """Names, inside decoder layer ``layer``, of the parameters this write tunes."""
-        names = [n for n, _ in module.handle.layer(layer).named_parameters()]
+        names = [
+            n for n, _ in module.handle.layer(layer).named_parameters() if self.tune_norms or not _is_norm(n)
+        ]
         if self.scope == "layer":
             return names
         mlp = _mlp_name(module, layer).removeprefix(module.handle.spec.layer(layer) + ".") + "."
@@ -370,8 +384,8 @@ class UnkeWrite(WeightWriter):
     def _fit(self, tuned: Sequence[tuple[str, torch.nn.Parameter]], terms, steps: int) -> None:
         """``steps`` of AdamW on the ``tuned`` parameters, minimising the sum of the ``terms`` (each a
         function that computes its weighted loss from the current weights); norms are not decayed."""
-        norms = [p for n, p in tuned if "norm" in n or "ln" in n]
-        decay = [p for n, p in tuned if not ("norm" in n or "ln" in n)]
+        norms = [p for n, p in tuned if _is_norm(n)]
+        decay = [p for n, p in tuned if not _is_norm(n)]
         originals = [p.requires_grad for _, p in tuned]
         for _, p in tuned:
             p.requires_grad_(True)
