@@ -410,19 +410,18 @@ def test_unke_changes_only_the_chosen_layer(family, tok):
     assert all(not p.requires_grad for p in model.parameters())  # the fine-tune leaves the model frozen
 
 
+def _small_unke_edit(model, tok, **options):
+    """A short UnKE write into layer 2 with ``options``: enough to move every parameter it tunes."""
+    writer = UnkeWrite(preservation_texts=CORPUS[:2], steps=5, lr=1e-3, **options)
+    return run(model, tok, REQUESTS, writer, layers=[2], v_steps=3)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_unke_without_norms_leaves_every_norm_weight_alone(family, tok):
     """``tune_norms=False``: the layer's matrices move, its normalisation gains do not (nor are they patched)."""
     model = tiny_model(family)
     before = snapshot(model)
-    module = run(
-        model,
-        tok,
-        REQUESTS,
-        UnkeWrite(preservation_texts=CORPUS[:2], steps=5, lr=1e-3, tune_norms=False),
-        layers=[2],
-        v_steps=3,
-    )
+    module = _small_unke_edit(model, tok, tune_norms=False)
     prefix = module.handle.spec.layer(2) + "."
     norms = {prefix + n for n, _ in module.handle.layer(2).named_parameters() if "norm" in n or "ln" in n}
     touched = changed(model, before)
@@ -436,14 +435,7 @@ def test_unke_without_norms_leaves_every_norm_weight_alone(family, tok):
 def test_unke_mlp_scope_leaves_attention_alone(family, tok):
     model = tiny_model(family)
     before = snapshot(model)
-    module = run(
-        model,
-        tok,
-        REQUESTS,
-        UnkeWrite(preservation_texts=CORPUS[:2], steps=5, lr=1e-3, scope="mlp"),
-        layers=[2],
-        v_steps=3,
-    )
+    module = _small_unke_edit(model, tok, scope="mlp")
     mlp = module.handle.spec.down_proj_name(2).rsplit(".", 1)[0] + "."
     touched = changed(model, before)
     assert touched and all(name.startswith(mlp) for name in touched), touched

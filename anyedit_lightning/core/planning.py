@@ -64,6 +64,6 @@ def plan_requests(
     plans = []
     for request in requests:
         tokenized = tokenize_request(tokenizer, request)
-        first = None if config.first_key == "prompt_end" else tokenized.first_key(config.first_key)
-        plans.append(RequestPlan(tokenized, chunker(tokenized.target_ids, tokenizer), first_key=first))
+        chunks = chunker(tokenized.target_ids, tokenizer)
+        plans.append(RequestPlan(tokenized, chunks, first_key=tokenized.first_key(config.first_key)))
     return plans

@@ -174,7 +174,7 @@ class UnkeWrite(WeightWriter):
         ``tune_norms=False`` leaves the layer's normalisation weights as they are (the authors tune them):
         each is one gain per hidden dimension applied to every token, so moving it changes the layer for
         every input, and AdamW moves it by about ``lr`` a step whatever its gradient (the preset's write
-        grows them 1.5-3 % per edit on SmolLM2; docs/faithful.md)."""
+        grows them 0.6-3.1 % per edit on SmolLM2; docs/results/retention.md)."""
         self.lr, self.steps, self.weight_decay, self.scope = lr, steps, weight_decay, scope
         self.preservation_positions, self.preservation_batch = preservation_positions, preservation_batch
         self.preservation_texts = preservation_texts
