@@ -30,6 +30,7 @@ from anyedit_lightning.core.optimize import DeltaOptimizer, NonFiniteError
 from anyedit_lightning.core.planning import plan_requests
 from anyedit_lightning.core.requests import EditRequest, RequestError, tokenize_request
 from anyedit_lightning.core.validation import EditConfigError
+from anyedit_lightning.core.variants import dropped_words, question_variants
 from anyedit_lightning.models.registry import (
     ArchitectureSpec,
     UnsupportedArchitectureError,
@@ -957,3 +958,62 @@ def test_tokenized_first_key_names_the_planned_position(tok):
     assert len({tokenized.first_key(k) for k in ("prompt_end", "content_end", "content_word")}) == 3
     raw = tokenize_request(tok, EditRequest("Ada Quill is", " a poet.", raw_prompt=True))
     assert raw.first_key("content_word") == raw.first_key("content_end") == raw.prompt_len - 1
+
+
+def test_question_variants_keep_the_target_and_move_the_keys(tok):
+    """Each variant leaves words of the prompt out (never its names), answers with the same target tokens,
+    and keys the same chunks: the answer keys shift with the prompt, chunk 0's sits on the variant's own
+    last word."""
+    request = EditRequest(
+        "Who is the famous glassblower Ada Quill of Vormund?", "Ada Quill built the tide clock."
+    )
+    plan = plan_requests(tok, [request], EditConfig(layers=[2], window=4, first_key="content_word"))[0]
+    variants = question_variants(tok, plan, "content_word", 3, 0.3)
+    assert len(variants) == 3 and len({v.tokenized.request.prompt for v in variants}) == 3
+    words = request.prompt.split()
+    for variant in variants:
+        kept = variant.tokenized.request.prompt.split()
+        assert 2 <= len(kept) < len(words) and all(w in words for w in kept)
+        assert {"Ada", "Quill", "Vormund?"} <= set(kept)  # names are kept: still the same question's subject
+        assert variant.tokenized.target_ids == plan.tokenized.target_ids and variant.chunks == plan.chunks
+        shift = variant.tokenized.prompt_len - plan.tokenized.prompt_len
+        assert variant.keys[1:] == [k + shift for k in plan.keys[1:]]
+        assert variant.keys[0] == variant.tokenized.content_word
+    assert question_variants(tok, plan, "content_word", 3, 0.3)[0].tokenized.ids == variants[0].tokenized.ids
+    assert dropped_words("Who is?", 3, 0.5) == [] and dropped_words(request.prompt, 0, 0.5) == []
+    raw = plan_requests(tok, [EditRequest("Q: who? A:", "x", raw_prompt=True)], EditConfig(layers=[2]))[0]
+    assert question_variants(tok, raw, "prompt_end", 2, 0.3) == []
+
+
+def test_unke_question_variants_fit_the_residuals_on_the_variants_too(tok, monkeypatch):
+    """With variants the edit term has their sequences, each key taking its request's residual row."""
+    seen = {}
+    original = UnkeWrite._layer_terms
+
+    def spy(self, module, layer_index, edit, preserve):
+        seen["edit"], seen["plans"] = edit, module.plans
+        return original(self, module, layer_index, edit, preserve)
+
+    monkeypatch.setattr(UnkeWrite, "_layer_terms", spy)
+    model = tiny_model("llama")
+    before = snapshot(model)
+    module = _small_unke_edit(model, tok, question_variants=2)
+    ids, _mask, rows, cols, dz = seen["edit"]
+    plans = module.plans
+    assert ids.shape[0] == len(plans) + 2 * len(plans)  # both prompts have at least three words
+    keys = sum(len(p.keys) for p in plans)
+    residuals = dz[:keys]
+    for r, plan in enumerate(plans):
+        first = sum(len(p.keys) for p in plans[:r])
+        variant_rows = [
+            i for i in range(keys, len(rows)) if int(rows[i]) in (len(plans) + 2 * r, len(plans) + 2 * r + 1)
+        ]
+        assert len(variant_rows) == 2 * len(plan.keys)
+        for j, i in enumerate(variant_rows):
+            assert torch.equal(dz[i], residuals[first + j % len(plan.keys)])
+            assert ids[rows[i], cols[i] + 1] == ids[r, plan.keys[j % len(plan.keys)] + 1]  # same next token
+    assert changed(model, before)
+    with pytest.raises(WriterConfigError, match="variant_drop"):
+        UnkeWrite(variant_drop=1.0)
+    with pytest.raises(WriterConfigError, match="question_variants"):
+        UnkeWrite(question_variants=-1)

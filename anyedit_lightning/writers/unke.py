@@ -16,6 +16,7 @@ from ..core.checks import WriterConfigError, check_bool, check_int, check_real
 from ..core.hooks import StopForward, hidden_of, removed_after, run_until
 from ..core.ledger import ledger_of, reset_to_anchors
 from ..core.precision import AUTO, resolve_compute_dtype
+from ..core.variants import question_variants
 from ..core.weights import weights_swapped
 from ..stats.corpus import WIKIPEDIA_CHAT, WIKIPEDIA_SAMPLE, wikipedia_chat, wikipedia_sample
 from .base import WeightWriter
@@ -135,6 +136,8 @@ class UnkeWrite(WeightWriter):
         refit: bool = False,
         compute_dtype: str | None = None,
         tune_norms: bool = True,
+        question_variants: int = 0,
+        variant_drop: float = 0.3,
     ):
         """``preservation_corpus`` (``wikipedia-sample`` or ``wikipedia-chat``) supplies the default
         preservation texts; ``preservation_weight`` multiplies their loss against the edit's. ``scope``:
@@ -174,7 +177,11 @@ class UnkeWrite(WeightWriter):
         ``tune_norms=False`` leaves the layer's normalisation weights as they are (the authors tune them):
         each is one gain per hidden dimension applied to every token, so moving it changes the layer for
         every input, and AdamW moves it by about ``lr`` a step whatever its gradient (the preset's write
-        grows them 0.6-3.1 % per edit on SmolLM2; docs/results/retention.md)."""
+        grows them 0.6-3.1 % per edit on SmolLM2; docs/results/retention.md).
+
+        ``question_variants``: also fit each request's residuals on that many wordings of its prompt with
+        words left out (each with probability ``variant_drop``; :mod:`anyedit_lightning.core.variants`), so
+        the write is not bound to the prompt's exact words (paraphrases; docs/algorithm.md §4.3)."""
         self.lr, self.steps, self.weight_decay, self.scope = lr, steps, weight_decay, scope
         self.preservation_positions, self.preservation_batch = preservation_positions, preservation_batch
         self.preservation_texts = preservation_texts
@@ -183,6 +190,7 @@ class UnkeWrite(WeightWriter):
         self.retain, self.retention_batch, self.retention_weight = retain, retention_batch, retention_weight
         self.preserve_original, self.steps_per_request = preserve_original, steps_per_request
         self.refit, self.compute_dtype, self.tune_norms = refit, compute_dtype, tune_norms
+        self.question_variants, self.variant_drop = question_variants, variant_drop
         UnkeWrite.validate(self)
 
     def validate(self) -> None:
@@ -202,6 +210,11 @@ class UnkeWrite(WeightWriter):
         check_bool("refit", self.refit, error=WriterConfigError)
         check_bool("preserve_original", self.preserve_original, error=WriterConfigError)
         check_bool("tune_norms", self.tune_norms, error=WriterConfigError)
+        check_int("question_variants", self.question_variants, 0, WriterConfigError)
+        if not (isinstance(self.variant_drop, (int, float)) and 0.0 < self.variant_drop < 1.0):
+            raise WriterConfigError(
+                f"variant_drop={self.variant_drop!r}: the chance of leaving out each word, between 0 and 1."
+            )
         check_real("retention_weight", self.retention_weight, error=WriterConfigError)
         if self.compute_dtype not in _COMPUTE_DTYPE_NAMES:
             raise WriterConfigError(
@@ -266,20 +279,35 @@ class UnkeWrite(WeightWriter):
             for t in self.preservation_texts
         ]
         pres_ids, pres_mask = pad_right(pres, module.pad_id, handle.device)
-        ids, mask = pad_right([p.tokenized.ids for p in module.plans], module.pad_id, handle.device)
-        rows = torch.cat(
-            [torch.full((len(p.keys),), r, device=ids.device) for r, p in enumerate(module.plans)]
-        )
-        cols = torch.cat([torch.as_tensor(p.keys, device=ids.device) for p in module.plans])
+        plans, owners = self._edit_sequences(module)
+        ids, mask = pad_right([p.tokenized.ids for p in plans], module.pad_id, handle.device)
+        rows = torch.cat([torch.full((len(p.keys),), r, device=ids.device) for r, p in enumerate(plans)])
+        cols = torch.cat([torch.as_tensor(p.keys, device=ids.device) for p in plans])
         for i, layer_index, keys in self.residual_layers(module):
             layer = handle.layer(layer_index)
-            dz = (keys.Z - keys.H) / (q - i)
+            dz = ((keys.Z - keys.H) / (q - i))[owners.to(keys.Z.device)]
             wanted = set(self._tuned(module, layer_index))
             tuned = [(n, p) for n, p in layer.named_parameters() if n in wanted]
             make_terms = self._mlp_terms if self.scope == "mlp" else self._layer_terms
             terms = make_terms(module, layer_index, (ids, mask, rows, cols, dz), (pres_ids, pres_mask))
             self._fit(tuned, terms, steps)
             module.log_write(layer_index, residual=float(dz.norm(dim=-1).mean() * (q - i)), update=0.0)
+
+    def _edit_sequences(self, module: AnyEditModule) -> tuple[list, torch.Tensor]:
+        """The plans the edit term fits (the module's, then each one's question variants) and, per key
+        of theirs in order, the row of the module's residuals it takes."""
+        firsts = torch.tensor([0] + [len(p.keys) for p in module.plans]).cumsum(0).tolist()
+        plans, owners = (
+            list(module.plans),
+            [torch.arange(len(p.keys)) + firsts[r] for r, p in enumerate(module.plans)],
+        )
+        for r, plan in enumerate(module.plans):
+            for variant in question_variants(
+                module.tokenizer, plan, module.config.first_key, self.question_variants, self.variant_drop
+            ):
+                plans.append(variant)
+                owners.append(torch.arange(len(variant.keys)) + firsts[r])
+        return plans, torch.cat(owners)
 
     def _preserved_weights(self, module: AnyEditModule):
         """The weights the preservation targets come from: the unedited values of every parameter the
