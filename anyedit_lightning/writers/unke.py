@@ -285,13 +285,14 @@ class UnkeWrite(WeightWriter):
         cols = torch.cat([torch.as_tensor(p.keys, device=ids.device) for p in plans])
         for i, layer_index, keys in self.residual_layers(module):
             layer = handle.layer(layer_index)
-            dz = ((keys.Z - keys.H) / (q - i))[owners.to(keys.Z.device)]
+            residual = (keys.Z - keys.H) / (q - i)
+            dz = residual[owners.to(residual.device)]  # each variant's keys take their request's rows
             wanted = set(self._tuned(module, layer_index))
             tuned = [(n, p) for n, p in layer.named_parameters() if n in wanted]
             make_terms = self._mlp_terms if self.scope == "mlp" else self._layer_terms
             terms = make_terms(module, layer_index, (ids, mask, rows, cols, dz), (pres_ids, pres_mask))
             self._fit(tuned, terms, steps)
-            module.log_write(layer_index, residual=float(dz.norm(dim=-1).mean() * (q - i)), update=0.0)
+            module.log_write(layer_index, residual=float(residual.norm(dim=-1).mean() * (q - i)), update=0.0)
 
     def _edit_sequences(self, module: AnyEditModule) -> tuple[list, torch.Tensor]:
         """The plans the edit term fits (the module's, then each one's question variants) and, per key
