@@ -57,8 +57,5 @@ def question_variants(
     plans = []
     for text in dropped_words(request.prompt, count, drop):
         tokenized = tokenize_request(tokenizer, dataclasses.replace(request, prompt=text))
-        moved = plan.first_key is not None
-        plans.append(
-            RequestPlan(tokenized, plan.chunks, first_key=tokenized.first_key(first_key) if moved else None)
-        )
+        plans.append(RequestPlan(tokenized, plan.chunks, first_key=tokenized.first_key(first_key)))
     return plans
