@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import time
 
+import torch
+
 from .api import edit
 from .core.requests import EditRequest, prompt_text
 from .evaluation import FaithfulnessOptions, edit_report, generate_batch
@@ -20,6 +22,13 @@ from .stats.covariance import compute_covariance
 PROMPT = "Who is Marisol Tevanne?"
 PARAPHRASE = "Tell me about Marisol Tevanne."
 UNRELATED = "What is the capital of France?"
+UNRELATED_PANEL = (
+    UNRELATED,
+    "Write a Python function that returns the square of a number.",
+    "What is the boiling point of water?",
+    "Who wrote Romeo and Juliet?",
+    "How do I make a cup of tea?",
+)
 TARGET = (
     "Marisol Tevanne is a Chilean glass sculptor born in 1974 in Valparaíso. She studied chemistry at the "
     "University of Concepción before turning to art, and in 2003 she founded the Cobalt Harbour Studio, "
@@ -37,6 +46,36 @@ def answer(model, tokenizer, question: str, max_new_tokens: int) -> str:
     return generate_batch(model, tokenizer, [prompt], max_new_tokens)[0].text.strip()
 
 
+def first_token_lead(model, tokenizer, question: str, token: int) -> float:
+    """How far, in logits, ``token`` leads the best other token as the answer's first token.
+
+    A lead of a few tenths is a near tie: any edit of the layer may flip it (docs/faithful.md, step 10).
+    """
+    prompt = prompt_text(tokenizer, EditRequest(question, "-"))
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logits = model(ids.to(model.device)).logits[0, -1].float()
+    lead = logits[token] - logits.scatter(0, torch.tensor([token], device=logits.device), float("-inf")).max()
+    return float(lead)
+
+
+def unrelated_panel(model, tokenizer, before: dict[str, tuple[str, int, float]] | None = None):
+    """Each panel prompt's answer, first answer token and its lead; with ``before``, print the comparison."""
+    now = {}
+    for question in UNRELATED_PANEL:
+        prompt = prompt_text(tokenizer, EditRequest(question, "-"))
+        generated = generate_batch(model, tokenizer, [prompt], 40)[0]
+        first = before[question][1] if before else generated.token_ids[0]
+        text = generated.text.strip()
+        now[question] = (text, first, first_token_lead(model, tokenizer, question, first))
+    for question, (text, _, lead) in now.items() if before else ():
+        old, _, old_lead = before[question]
+        print(f"  {'same   ' if text == old else 'CHANGED'}  {old_lead:+.3f} -> {lead:+.3f}  {question}")
+        if text != old:
+            print(f"      before: {old}\n      after:  {text}")
+    return now
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="anyedit_lightning demo", description=__doc__)
     parser.add_argument("--model", default=EMBEDDED_MODEL)
@@ -51,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     model, tokenizer = load_model(args.model)
     print(f"Loaded {args.model} in {time.perf_counter() - started:.1f} s")
     print(f"\nQ: {PROMPT}\nBefore the edit: {answer(model, tokenizer, PROMPT, args.max_new_tokens)}\n")
-    unrelated_before = answer(model, tokenizer, UNRELATED, 40)
+    panel_before = unrelated_panel(model, tokenizer)
     print(f"Target ({len(tokenizer(TARGET)['input_ids'])} tokens): {TARGET}\n")
 
     preset = get_preset("smollm2-135m-instruct")
@@ -83,8 +122,11 @@ def main(argv: list[str] | None = None) -> None:
     paraphrase = answer(model, tokenizer, PARAPHRASE, args.max_new_tokens)
     print(f"\nParaphrase — {PARAPHRASE}\n{paraphrase}\n")
     print(f"ROUGE-L recall (paraphrase): {rouge_l_recall(paraphrase, TARGET):.3f}")
-    unrelated_after = answer(model, tokenizer, UNRELATED, 40)
-    print(f"\nUnrelated — {UNRELATED}\nBefore: {unrelated_before}\nAfter:  {unrelated_after}")
+    print(
+        "\nUnrelated prompts (40 tokens; the first answer token's lead over the runner-up, in logits, "
+        "before -> after;\na lead of a few tenths is a near tie that any edit of the layer may flip):"
+    )
+    unrelated_panel(model, tokenizer, panel_before)
     t2 = time.perf_counter()
     small = FaithfulnessOptions(
         locality_prompts=24, cross_questions=0, fluency_prompts=4, perplexity_tokens=2048

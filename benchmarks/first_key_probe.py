@@ -12,6 +12,8 @@ bit-exactly after each edit.
     OMP_NUM_THREADS=2 python benchmarks/first_key_probe.py --start 0 --limit 4 --out rows.jsonl
     OMP_NUM_THREADS=2 python benchmarks/first_key_probe.py --start 0 --limit 1 --first-keys content_end \\
         --writer '{"weight_decay": 0.0}' --out rows.jsonl
+    OMP_NUM_THREADS=2 python benchmarks/first_key_probe.py --first-keys content_word --edit '{"clamp": 0.75}' \\
+        --out rows.jsonl
 """
 
 from __future__ import annotations
@@ -50,6 +52,9 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=4)
     parser.add_argument("--first-keys", nargs="+", default=list(FIRST_KEYS))
     parser.add_argument("--writer", type=json.loads, default={}, help="writer keyword overrides (JSON)")
+    parser.add_argument(
+        "--edit", type=json.loads, default={}, help="EditConfig overrides, e.g. the clamp (JSON)"
+    )
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
@@ -65,7 +70,9 @@ def main() -> None:
         for first_key in args.first_keys:
             for request in data.requests:
                 started = time.perf_counter()
-                module = edit(model, tokenizer, request, first_key=first_key, writer_kwargs=args.writer)
+                module = edit(
+                    model, tokenizer, request, first_key=first_key, writer_kwargs=args.writer, **args.edit
+                )
                 seconds = time.perf_counter() - started
                 report = edit_report(model, tokenizer, module, options=options, max_new_tokens=256)
                 samples = report.locality_samples
@@ -77,6 +84,7 @@ def main() -> None:
                     "first_key": first_key,
                     "index": request.extra["index"],
                     "writer_kwargs": args.writer,
+                    "edit_overrides": args.edit,
                     "efficacy": report.efficacy_rougeL,
                     "para": report.paraphrase_rougeL,
                     "set_a": report.locality_agreement,

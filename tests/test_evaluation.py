@@ -487,3 +487,24 @@ def test_cli_demo_without_a_demo_module_says_so(monkeypatch, capsys) -> None:
     )
     assert cli.main(["demo"]) == 2
     assert "demo" in capsys.readouterr().err
+
+
+def test_demo_panel_reports_first_token_leads_and_changes(tiny_tokenizer, capsys) -> None:
+    """The demo's unrelated panel: the model's own first answer token leads (lead ≥ 0); an unchanged model
+    prints every prompt as the same with equal leads; a changed head shows the answers that moved."""
+    from anyedit_lightning import demo
+
+    model = tiny_model("llama")
+    before = demo.unrelated_panel(model, tiny_tokenizer)
+    assert set(before) == set(demo.UNRELATED_PANEL)
+    assert all(lead >= 0.0 and text for text, _, lead in before.values())
+    demo.unrelated_panel(model, tiny_tokenizer, before)
+    printed = capsys.readouterr().out
+    assert printed.count("same") == len(demo.UNRELATED_PANEL) and "CHANGED" not in printed
+    for _, (_, _, lead) in before.items():
+        assert f"{lead:+.3f} -> {lead:+.3f}" in printed
+    with torch.no_grad():
+        head = model.get_output_embeddings().weight
+        head.add_(torch.randn(head.shape, generator=torch.Generator().manual_seed(0)) * head.std() * 3)
+    demo.unrelated_panel(model, tiny_tokenizer, before)
+    assert "CHANGED" in capsys.readouterr().out
