@@ -12,8 +12,9 @@ import time
 import torch
 
 from .api import edit
-from .core.requests import EditRequest, prompt_text
+from .core.requests import EditRequest
 from .evaluation import FaithfulnessOptions, edit_report, generate_batch
+from .evaluation.reference import render
 from .metrics import rouge_l_recall
 from .models.loading import EMBEDDED_MODEL, load_model
 from .presets import get_preset
@@ -42,8 +43,7 @@ TARGET = (
 
 def answer(model, tokenizer, question: str, max_new_tokens: int) -> str:
     """The model's greedy answer to ``question`` (chat-rendered)."""
-    prompt = prompt_text(tokenizer, EditRequest(question, "-"))
-    return generate_batch(model, tokenizer, [prompt], max_new_tokens)[0].text.strip()
+    return generate_batch(model, tokenizer, [render(tokenizer, question)], max_new_tokens)[0].text.strip()
 
 
 def first_token_lead(model, tokenizer, question: str, token: int) -> float:
@@ -51,8 +51,7 @@ def first_token_lead(model, tokenizer, question: str, token: int) -> float:
 
     A lead of a few tenths is a near tie: any edit of the layer may flip it (docs/faithful.md, step 10).
     """
-    prompt = prompt_text(tokenizer, EditRequest(question, "-"))
-    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    ids = tokenizer(render(tokenizer, question), return_tensors="pt", add_special_tokens=False)["input_ids"]
     with torch.no_grad():
         logits = model(ids.to(model.device)).logits[0, -1].float()
     lead = logits[token] - logits.scatter(0, torch.tensor([token], device=logits.device), float("-inf")).max()
@@ -62,9 +61,8 @@ def first_token_lead(model, tokenizer, question: str, token: int) -> float:
 def unrelated_panel(model, tokenizer, before: dict[str, tuple[str, int, float]] | None = None):
     """Each panel prompt's answer, first answer token and its lead; with ``before``, print the comparison."""
     now = {}
-    for question in UNRELATED_PANEL:
-        prompt = prompt_text(tokenizer, EditRequest(question, "-"))
-        generated = generate_batch(model, tokenizer, [prompt], 40)[0]
+    prompts = [render(tokenizer, question) for question in UNRELATED_PANEL]
+    for question, generated in zip(UNRELATED_PANEL, generate_batch(model, tokenizer, prompts, 40)):
         first = before[question][1] if before else generated.token_ids[0]
         text = generated.text.strip()
         now[question] = (text, first, first_token_lead(model, tokenizer, question, first))

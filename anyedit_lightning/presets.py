@@ -92,7 +92,7 @@ SMOLLM2_135M = Preset(
         "which every chat prompt shares (a δ there reached every prompt's first answer token); for UnKE on the "
         "user's last word, before the '?' that most questions share (first_key='content_word'); (4) δ bounded "
         "at 1x the hidden norm instead of 4x (UnKE 0.75x: locality on both sets >= 0.95 on UnKEBench test records 20-34 "
-        "and MQuAKE-CF 20-29, at a cost in paraphrase ROUGE-L; docs/faithful.md, step 10); (5) statistics and UnKE's preservation set from chat-formatted "
+        "and MQuAKE-CF 20-34, at a cost in paraphrase ROUGE-L; docs/faithful.md, step 10); (5) statistics and UnKE's preservation set from chat-formatted "
         "text (the Wikipedia articles as chat exchanges), λ = 100 for MEMIT; UnKE with 40 such exchanges of "
         "up to 256 tokens, their loss weighted 4x, 100 steps at lr 1e-3 (the authors' 50 at 2e-4 left the "
         "targets unwritten; 50 at 2e-3 wrote them but changed more unrelated answers); each step uses 10 of the 40 "
